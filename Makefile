@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Every step lives here.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo
+
+.PHONY: demo test test-all bench lint clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing embedstore and its dependencies into $(VENV) (first time only, about 2-3 minutes)..."
+	$(BIN)/python -m pip install -qq --upgrade "pip>=24"
+	$(BIN)/python -m pip install -qq -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/embedstore demo $(DEMO_DIR)
+
+# Fast suite (the slow end-to-end tests are included; GPU tests skip without CUDA).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+lint: $(STAMP)
+	$(BIN)/ruff check embedstore models cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build *.egg-info
