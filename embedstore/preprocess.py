@@ -1,0 +1,293 @@
+"""Preprocessing: HU volume -> fixed (S, H, W) grid, radiograph -> fixed (H, W), per a spec.
+
+The spec is part of every cache key: ``PreprocessSpec.fingerprint()`` hashes the fields that
+change the output for its modality plus ``PREPROCESS_VERSION``.
+
+Decisions (docs/DICOM.md):
+* CT, default: the whole volume is resampled to ``ct_shape`` (trilinear, voxel centres aligned as
+  ``align_corners=False``), after clipping HU to ``ct_clip`` (values below -1024 are padding
+  outside the reconstruction circle and would bleed into the body when interpolated). With
+  ``ct_antialias`` an integer block mean runs first on axes shrunk by 2x or more, so thin detail
+  is averaged rather than aliased.
+* CT with ``ct_spacing``: resampled to that spacing about the volume centre, then center-cropped
+  or padded with -1024 HU (air) to ``ct_shape``; anatomy keeps its physical size.
+* CXR: ``cxr_resize="pad"`` (default) keeps the aspect ratio (antialiased bilinear) and pads
+  with 0 (black) to ``cxr_size``; ``"stretch"`` resizes straight to ``cxr_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from embedstore.dicom import (
+    DEFAULT_MAX_BYTES,
+    CTVolume,
+    Radiograph,
+    read_study,
+    source_signature,
+)
+from embedstore.errors import ConfigError
+
+__all__ = [
+    "PREPROCESS_VERSION",
+    "PreprocessSpec",
+    "LoadedStudy",
+    "preprocess_ct",
+    "preprocess_cxr",
+    "load_study",
+]
+
+PREPROCESS_VERSION = 1
+AIR_HU = -1024.0
+_MAX_SIDE = 4096
+_MODALITIES = ("CXR", "CTPA")
+_CXR_FIELDS = ("cxr_size", "cxr_resize")
+_CT_FIELDS = ("ct_shape", "ct_spacing", "ct_clip", "ct_antialias")
+
+
+def _int_tuple(value: Any, n: int, name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value)
+        ok = len(out) == n and all(float(v) == int(v) for v in value)
+    except (TypeError, ValueError):
+        ok, out = False, ()
+    if not ok or not all(1 <= v <= _MAX_SIDE for v in out):
+        raise ConfigError(
+            f"PreprocessSpec.{name} must be {n} integers in [1, {_MAX_SIDE}], got {value!r}."
+        )
+    return out
+
+
+def _float_tuple(value: Any, n: int, name: str, *, positive: bool) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != n or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        kind = "positive numbers" if positive else "finite numbers"
+        raise ConfigError(f"PreprocessSpec.{name} must be {n} {kind}, got {value!r}.")
+    return out
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a study becomes the array an encoder sees (validated when built, JSON round trip)."""
+
+    modality: str
+    cxr_size: tuple[int, int] = (224, 224)  # (H, W)
+    cxr_resize: str = "pad"  # "pad" (keep aspect, pad black) | "stretch"
+    ct_shape: tuple[int, int, int] = (64, 128, 128)  # (S, H, W)
+    ct_spacing: tuple[float, float, float] | None = None  # (dz, dy, dx) mm, None = fit shape
+    ct_clip: tuple[float, float] | None = (AIR_HU, 3071.0)  # HU range before resampling
+    ct_antialias: bool = True
+    version: int = field(default=PREPROCESS_VERSION)
+
+    def __post_init__(self) -> None:
+        modality = str(self.modality).upper()
+        if modality not in _MODALITIES:
+            raise ConfigError(
+                f"PreprocessSpec.modality must be one of {list(_MODALITIES)}, got "
+                f"{self.modality!r}."
+            )
+        object.__setattr__(self, "modality", modality)
+        object.__setattr__(self, "cxr_size", _int_tuple(self.cxr_size, 2, "cxr_size"))
+        object.__setattr__(self, "ct_shape", _int_tuple(self.ct_shape, 3, "ct_shape"))
+        if self.cxr_resize not in ("pad", "stretch"):
+            raise ConfigError(
+                f"PreprocessSpec.cxr_resize must be 'pad' or 'stretch', got {self.cxr_resize!r}."
+            )
+        if self.ct_spacing is not None:
+            sp = _float_tuple(self.ct_spacing, 3, "ct_spacing", positive=True)
+            object.__setattr__(self, "ct_spacing", sp)
+        if self.ct_clip is not None:
+            lo, hi = _float_tuple(self.ct_clip, 2, "ct_clip", positive=False)
+            if lo >= hi:
+                raise ConfigError(
+                    f"PreprocessSpec.ct_clip must be (low, high) with low < high, got "
+                    f"{self.ct_clip!r}."
+                )
+            object.__setattr__(self, "ct_clip", (lo, hi))
+        if not isinstance(self.ct_antialias, bool):
+            raise ConfigError(
+                f"PreprocessSpec.ct_antialias must be true or false, got {self.ct_antialias!r}."
+            )
+        if self.version != PREPROCESS_VERSION:
+            raise ConfigError(
+                f"PreprocessSpec version {self.version!r} is not supported by this embedstore "
+                f"(it writes version {PREPROCESS_VERSION}); re-extract with this version."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        if not isinstance(data, dict):
+            raise ConfigError(f"A PreprocessSpec must be a JSON object, got {type(data).__name__}.")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown PreprocessSpec field(s) {unknown}; valid fields: {sorted(known)}."
+            )
+        if "modality" not in data:
+            raise ConfigError("A PreprocessSpec needs a 'modality' ('CXR' or 'CTPA').")
+        kw = dict(data)
+        for k in ("cxr_size", "ct_shape", "ct_spacing", "ct_clip"):
+            if isinstance(kw.get(k), list):
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"PreprocessSpec JSON is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the canonical JSON of the fields that matter for this modality."""
+        d = self.to_dict()
+        relevant = _CXR_FIELDS if self.modality == "CXR" else _CT_FIELDS
+        payload = {k: d[k] for k in ("modality", "version", *relevant)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _block_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Average non-overlapping blocks (drops < factor trailing voxels per axis)."""
+    s, h, w = (n // f * f for n, f in zip(hu.shape, factors, strict=True))
+    fz, fy, fx = factors
+    cut = hu[:s, :h, :w]
+    return cut.reshape(s // fz, fz, h // fy, fy, w // fx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def preprocess_ct(vol: CTVolume, spec: PreprocessSpec) -> np.ndarray:
+    """HU volume -> ``spec.ct_shape`` float32 HU (see the module docstring for the choices)."""
+    if spec.modality != "CTPA":
+        raise ConfigError(f"preprocess_ct needs a CTPA spec, got modality {spec.modality!r}.")
+    hu = np.asarray(vol.hu, dtype=np.float32)  # (S, H, W)
+    if spec.ct_clip is not None:
+        hu = np.clip(hu, spec.ct_clip[0], spec.ct_clip[1])
+    src_n = np.array(hu.shape, dtype=np.float64)
+    src_sp = np.array(vol.spacing, dtype=np.float64)
+    out_n = np.array(spec.ct_shape, dtype=np.float64)
+    if spec.ct_spacing is None:
+        out_sp = src_sp * src_n / out_n  # the whole field of view fits the output grid
+    else:
+        out_sp = np.array(spec.ct_spacing, dtype=np.float64)
+    # source index of output voxel i, centres aligned: src = c_src + (i - c_out) * out_sp/src_sp
+    scale = out_sp / src_sp
+    if spec.ct_antialias:
+        factors = tuple(max(1, int(math.floor(f))) for f in scale)
+        if any(f > 1 for f in factors):
+            hu = _block_mean(hu, factors)  # (S', H', W')
+            f_arr = np.array(factors, dtype=np.float64)
+            # a reduced voxel j sits at source coordinate j*f + (f-1)/2
+            src_centre = (src_n - 1) / 2
+            offset = (src_centre - (f_arr - 1) / 2) / f_arr - scale / f_arr * (out_n - 1) / 2
+            scale = scale / f_arr
+        else:
+            offset = (src_n - 1) / 2 - scale * (out_n - 1) / 2
+    else:
+        offset = (src_n - 1) / 2 - scale * (out_n - 1) / 2
+    fit = spec.ct_spacing is None
+    out = ndimage.affine_transform(
+        hu,
+        scale,  # diagonal matrix: axis-aligned scaling
+        offset=offset,
+        output_shape=tuple(int(v) for v in out_n),
+        output=np.float32,
+        order=1,  # trilinear
+        mode="nearest" if fit else "constant",  # fit: clamp edges; spacing: pad with air
+        cval=AIR_HU,
+        prefilter=False,
+    )
+    return out  # (S, H, W) float32 HU
+
+
+def preprocess_cxr(rad: Radiograph, spec: PreprocessSpec) -> np.ndarray:
+    """Radiograph in [0, 1] -> ``spec.cxr_size`` float32 in [0, 1] (pad or stretch)."""
+    if spec.modality != "CXR":
+        raise ConfigError(f"preprocess_cxr needs a CXR spec, got modality {spec.modality!r}.")
+    img = torch.from_numpy(np.ascontiguousarray(rad.pixels, dtype=np.float32))[None, None]
+    out_h, out_w = spec.cxr_size
+    h, w = rad.pixels.shape
+    if spec.cxr_resize == "stretch":
+        new_h, new_w = out_h, out_w
+    else:
+        ratio = min(out_h / h, out_w / w)
+        new_h, new_w = max(1, round(h * ratio)), max(1, round(w * ratio))
+    # antialias only matters when shrinking; bilinear keeps [0, 1] up to rounding
+    resized = F.interpolate(
+        img, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+    )  # (1, 1, h', w')
+    out = torch.zeros((out_h, out_w), dtype=torch.float32)
+    top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized[0, 0]
+    return out.clamp_(0.0, 1.0).numpy()  # (H, W)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedStudy:
+    """What a decode worker hands back: the encoder-ready array plus its provenance."""
+
+    array: np.ndarray  # (S, H, W) HU or (H, W) [0, 1], float32
+    content_hash: str
+    warnings: tuple[str, ...]
+    geometry: dict[str, Any]
+    source_sig: str
+
+
+def load_study(
+    path: str | os.PathLike[str],
+    modality: str,
+    spec: PreprocessSpec,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> LoadedStudy:
+    """Read, validate, hash and preprocess one study (top level, picklable: for process pools).
+
+    Raises DicomError (reason codes in docs/DICOM.md) or ConfigError for a modality mismatch.
+    """
+    m = str(modality).upper()
+    if m != spec.modality:
+        raise ConfigError(
+            f"load_study got modality {modality!r} but a {spec.modality} preprocessing spec."
+        )
+    sig = source_signature(path)
+    image, key = read_study(path, m, max_bytes=max_bytes)
+    if isinstance(image, CTVolume):
+        array = preprocess_ct(image, spec)
+    else:
+        array = preprocess_cxr(image, spec)
+    return LoadedStudy(
+        array=array,
+        content_hash=key,
+        warnings=tuple(image.warnings),
+        geometry=image.geometry(),
+        source_sig=sig,
+    )
