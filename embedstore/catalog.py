@@ -1,0 +1,315 @@
+"""The store's SQL catalog: an in-memory DuckDB connection with views, in a read-only sandbox.
+
+Nothing is persisted: the catalog is rebuilt from the store's files (manifest Parquet, commit
+logs / segment Parquet, failure logs, run folders) whenever they change, so a writer never blocks a
+reader and there is no catalog file to corrupt. Views:
+
+    studies     every manifest column (empty with the required columns if no manifest is attached)
+                (a table loaded from manifest.parquet when the catalog is built)
+    embeddings  study_id, patient_id, modality, encoder_key, content_hash, cache_key, row, created_at
+    pairs       pair_id, patient_id, cxr_study_id, ctpa_study_id, gap_hours, split, label_pe
+    failures    study_id, modality, encoder_key, stage, reason, message, created_at, segment
+    runs        run_id, kind, created_at, encoder_keys, val_auc, metrics, config (JSON strings)
+
+User SQL passes only if DuckDB parses it as exactly one SELECT statement (WITH/VALUES/DESCRIBE/
+SUMMARIZE/SHOW/FROM-first included); file access is limited to the store folder (DuckDB's
+``allowed_directories``), extensions can be neither installed nor loaded, and the configuration is
+locked. A timer thread interrupts queries that run past their time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from embedstore.errors import QueryError, QueryRefusedError
+
+__all__ = [
+    "Catalog",
+    "EMBEDDINGS_SCHEMA",
+    "FAILURES_SCHEMA",
+    "RUNS_SCHEMA",
+    "DEFAULT_PAIR_MAX_GAP_HOURS",
+    "read_runs",
+]
+
+DEFAULT_PAIR_MAX_GAP_HOURS = 48.0
+
+EMBEDDINGS_SCHEMA = pa.schema(
+    [
+        ("study_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("modality", pa.string()),
+        ("encoder_key", pa.string()),
+        ("content_hash", pa.string()),
+        ("cache_key", pa.string()),
+        ("row", pa.int64()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+FAILURES_SCHEMA = pa.schema(
+    [
+        ("study_id", pa.string()),
+        ("modality", pa.string()),
+        ("encoder_key", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("segment", pa.string()),
+    ]
+)
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("kind", pa.string()),
+        ("created_at", pa.string()),
+        ("encoder_keys", pa.list_(pa.string())),
+        ("val_auc", pa.float64()),
+        ("metrics", pa.string()),
+        ("config", pa.string()),
+    ]
+)
+_EMPTY_STUDIES = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("study_id", pa.string()),
+        ("modality", pa.string()),
+        ("path", pa.string()),
+        ("acquired_at", pa.timestamp("us")),
+        ("label_pe", pa.int8()),
+        ("split", pa.string()),
+        ("pair_id", pa.string()),
+    ]
+)
+
+# Why each refused statement kind is refused (keyed by duckdb.StatementType name).
+_REFUSALS = {
+    "COPY": "COPY writes files; the query sandbox is read-only (use `embedstore query --out FILE`)",
+    "EXPORT": "EXPORT DATABASE writes files; the query sandbox is read-only",
+    "COPY_DATABASE": "COPY DATABASE writes files; the query sandbox is read-only",
+    "ATTACH": "ATTACH opens another database; only the store's own views may be queried",
+    "DETACH": "DETACH changes the attached databases; the query sandbox is read-only",
+    "LOAD": "INSTALL/LOAD would install or load a DuckDB extension; extensions are disabled",
+    "EXTENSION": "extension statements are disabled in the query sandbox",
+    "UPDATE_EXTENSIONS": "extension statements are disabled in the query sandbox",
+    "SET": "SET/PRAGMA/USE/RESET change settings; the sandbox's settings are fixed",
+    "VARIABLE_SET": "SET VARIABLE changes session state; the sandbox is read-only",
+    "PRAGMA": "PRAGMA changes or reads settings; the sandbox's settings are fixed",
+    "CREATE": "CREATE modifies the catalog; the query sandbox is read-only",
+    "CREATE_FUNC": "CREATE FUNCTION/MACRO modifies the catalog; the sandbox is read-only",
+    "INSERT": "INSERT modifies data; the query sandbox is read-only",
+    "UPDATE": "UPDATE modifies data; the query sandbox is read-only",
+    "DELETE": "DELETE modifies data; the query sandbox is read-only",
+    "DROP": "DROP modifies the catalog; the query sandbox is read-only",
+    "ALTER": "ALTER modifies the catalog; the query sandbox is read-only",
+    "TRANSACTION": "transaction statements are not needed for read-only queries",
+    "CALL": "CALL runs procedures (CHECKPOINT, pragma functions); only SELECT is allowed",
+    "EXPLAIN": "EXPLAIN [ANALYZE] can execute the statement it wraps; only SELECT is allowed",
+    "VACUUM": "VACUUM modifies the database; the sandbox is read-only",
+    "ANALYZE": "ANALYZE modifies statistics; the sandbox is read-only",
+    "PREPARE": "PREPARE/EXECUTE are not supported in the sandbox; send one SELECT",
+    "EXECUTE": "PREPARE/EXECUTE are not supported in the sandbox; send one SELECT",
+    "MULTI": "this statement (e.g. PIVOT) expands to several statements; write it as one SELECT",
+}
+
+
+def _quote(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _pairs_sql(max_gap_hours: float, has_pair_id: bool) -> str:
+    """Explicit pair_id pairs, else the nearest CXR of the same patient within the gap."""
+    gap = "abs(epoch(ct.acquired_at) - epoch(cx.acquired_at)) / 3600.0"
+    explicit = (
+        f"""SELECT ct.pair_id AS pair_id, ct.patient_id, cx.study_id AS cxr_study_id,
+               ct.study_id AS ctpa_study_id, {gap} AS gap_hours, ct.split, ct.label_pe
+        FROM studies ct JOIN studies cx
+          ON ct.pair_id = cx.pair_id AND ct.patient_id = cx.patient_id
+        WHERE ct.modality = 'CTPA' AND cx.modality = 'CXR' AND ct.pair_id IS NOT NULL
+        UNION ALL """
+        if has_pair_id
+        else ""
+    )
+    no_pair = "ct.pair_id IS NULL AND " if has_pair_id else ""
+    return f"""
+        {explicit}
+        SELECT 'auto:' || ct.study_id AS pair_id, ct.patient_id, cx.study_id AS cxr_study_id,
+               ct.study_id AS ctpa_study_id, {gap} AS gap_hours, ct.split, ct.label_pe
+        FROM studies ct JOIN studies cx ON ct.patient_id = cx.patient_id
+        WHERE {no_pair}ct.modality = 'CTPA' AND cx.modality = 'CXR'
+          AND ct.acquired_at IS NOT NULL AND cx.acquired_at IS NOT NULL
+          AND {gap} <= {float(max_gap_hours)!r}
+        QUALIFY row_number() OVER (PARTITION BY ct.study_id ORDER BY {gap}, cx.study_id) = 1
+    """
+
+
+def read_runs(runs_dir: Path) -> pa.Table:
+    """One row per ``runs_dir/*/config.json``; half-written or unreadable runs are skipped.
+
+    Another process may be writing a run while we read, so a missing or partial JSON file is
+    normal, never an error.
+    """
+    rows: list[dict] = []
+    if runs_dir.is_dir():
+        for d in sorted(runs_dir.iterdir()):
+            try:
+                config = json.loads((d / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict):
+                continue
+            try:
+                metrics = json.loads((d / "metrics.json").read_text())
+            except (OSError, ValueError):
+                metrics = None
+            keys = config.get("encoder_keys")
+            if not isinstance(keys, list):
+                keys = sorted(
+                    {str(v) for k, v in config.items() if "encoder" in k and isinstance(v, str)}
+                )
+            val_auc = None
+            if isinstance(metrics, dict):
+                v = metrics.get("val_auc")
+                if v is None and isinstance(metrics.get("val"), dict):
+                    v = metrics["val"].get("auc")
+                val_auc = float(v) if isinstance(v, (int, float)) else None
+            rows.append(
+                {
+                    "run_id": d.name,
+                    "kind": str(config["kind"]) if "kind" in config else None,
+                    "created_at": str(config["created_at"]) if "created_at" in config else None,
+                    "encoder_keys": [str(k) for k in keys],
+                    "val_auc": val_auc,
+                    "metrics": None if metrics is None else json.dumps(metrics, sort_keys=True),
+                    "config": json.dumps(config, sort_keys=True),
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+
+
+class Catalog:
+    """A sandboxed in-memory DuckDB connection over one store's files.
+
+    ``manifest_path`` (Parquet) backs the ``studies`` view; the other tables are handed in as
+    Arrow tables built by the store. Build one per (memory_limit, threads): the settings are
+    locked once the views exist.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        manifest_path: Path | None,
+        embeddings: pa.Table,
+        failures: pa.Table,
+        runs: pa.Table,
+        pair_max_gap_hours: float = DEFAULT_PAIR_MAX_GAP_HOURS,
+        memory_limit: str = "2GB",
+        threads: int = 2,
+    ):
+        self.root = Path(root).resolve()
+        config = {
+            "autoload_known_extensions": False,
+            "autoinstall_known_extensions": False,
+            "allow_community_extensions": False,
+            "threads": int(threads),
+            "memory_limit": str(memory_limit),
+        }
+        try:
+            con = duckdb.connect(":memory:", config=config)
+        except duckdb.Error as e:
+            raise QueryError(
+                f"Could not start DuckDB with memory_limit={memory_limit!r}, threads={threads}: {e}"
+            ) from e
+        self._con = con
+        self._lock = threading.Lock()
+        for name, table in (("embeddings", embeddings), ("failures", failures), ("runs", runs)):
+            # Copied into DuckDB tables: no Python object stays reachable from user SQL.
+            con.register("_src", table)
+            con.execute(f"CREATE TABLE {name} AS SELECT * FROM _src")
+            con.unregister("_src")
+        has_pair_id = False
+        if manifest_path is not None and manifest_path.exists():
+            # Loaded once into memory: cohort queries then never re-read the Parquet file.
+            con.execute(
+                f"CREATE TABLE studies AS SELECT * FROM read_parquet({_quote(manifest_path)})"
+            )
+            cols = [r[0] for r in con.execute("DESCRIBE studies").fetchall()]
+            has_pair_id = "pair_id" in cols
+        else:
+            con.register("_src", _EMPTY_STUDIES.empty_table())
+            con.execute("CREATE TABLE studies AS SELECT * FROM _src")
+            con.unregister("_src")
+            has_pair_id = True
+        con.execute(f"CREATE VIEW pairs AS {_pairs_sql(pair_max_gap_hours, has_pair_id)}")
+        # Order matters: allowed_directories must be set while external access is still on.
+        con.execute(f"SET allowed_directories = [{_quote(str(self.root) + os.sep)}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+
+    def close(self) -> None:
+        self._con.close()
+
+    def check(self, sql: str) -> None:
+        """Raise QueryRefusedError unless ``sql`` is exactly one SELECT statement."""
+        try:
+            statements = self._con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise QueryError(f"SQL error: {e}") from e
+        if len(statements) != 1:
+            raise QueryRefusedError(
+                f"Refused: the query holds {len(statements)} statements; send exactly one SELECT."
+            )
+        kind = statements[0].type.name
+        if kind != "SELECT":
+            why = _REFUSALS.get(kind, f"{kind} statements are not allowed; only SELECT is")
+            raise QueryRefusedError(f"Refused {kind} statement: {why}.")
+
+    def sql(self, sql: str, *, timeout_s: float = 30) -> pa.Table:
+        """Run one read-only SELECT and return its result as an Arrow table."""
+        self.check(sql)
+        state = {"running": True, "timed_out": False}
+        guard = threading.Lock()
+
+        def _interrupt() -> None:
+            with guard:
+                if state["running"]:
+                    state["timed_out"] = True
+                    self._con.interrupt()
+
+        timer = threading.Timer(float(timeout_s), _interrupt)
+        timer.daemon = True
+        with self._lock:
+            timer.start()
+            try:
+                return self._con.sql(sql).to_arrow_table()
+            except duckdb.InterruptException as e:
+                if state["timed_out"]:
+                    raise QueryError(
+                        f"Query stopped after the {timeout_s:g} s time limit; narrow it "
+                        "(filter, LIMIT) or raise the limit (timeout_s / --timeout).",
+                        reason="query_timeout",
+                    ) from e
+                raise QueryError(f"Query interrupted: {e}") from e
+            except duckdb.PermissionException as e:
+                raise QueryRefusedError(
+                    f"Refused: the query reads or writes files outside the store {str(self.root)!r} "
+                    f"({e}). Query the views studies, embeddings, pairs, failures, runs instead."
+                ) from e
+            except duckdb.OutOfMemoryException as e:
+                raise QueryError(
+                    f"Query ran out of its memory limit ({e}); narrow it or raise memory_limit.",
+                    reason="query_memory",
+                ) from e
+            except duckdb.Error as e:
+                raise QueryError(f"SQL error: {e}") from e
+            finally:
+                with guard:
+                    state["running"] = False
+                timer.cancel()
