@@ -313,3 +313,6 @@ class Catalog:
                 with guard:
                     state["running"] = False
                 timer.cancel()
+                # Wait for the timer thread to end: a daemon thread still alive at interpreter
+                # exit is killed mid-flight, which aborts the process (exit code 134).
+                timer.join()

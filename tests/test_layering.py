@@ -46,7 +46,7 @@ def test_pydicom_only_in_the_dicom_layer_and_click_nowhere(path: Path) -> None:
     mods = _imports(path)
     rel = str(path.relative_to(ROOT))
     assert not any(m == "click" or m.startswith("click.") for m in mods), f"{rel} imports click"
-    if rel not in DICOM_MODULES:
+    if rel not in DICOM_MODULES and not rel.startswith("benchmarks/"):  # baselines may use it
         assert not any(m.startswith("pydicom") for m in mods), f"{rel} imports pydicom"
 
 

@@ -1,0 +1,392 @@
+"""The ``embedstore`` command line: one thin command per verb over the library.
+
+Each command parses options, makes one library call, prints the result (a rich table, or JSON
+with ``--json``) and maps library errors to ``Error: <message>`` on stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from embedstore.errors import USER_ERRORS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="embedstore",
+    help="Embedding store and feature cache for cross-modal (CXR -> CTPA) imaging research.\n\n"
+    "Typical flow: synth (or bring a manifest) -> extract -> train -> eval. `embedstore demo` runs it all.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train heads and the diffusion prior on cached embeddings.",
+                        no_args_is_help=True)
+index_app = typer.Typer(help="FAISS indexes over stored embeddings.", no_args_is_help=True)
+manifest_app = typer.Typer(help="Validate and import cohort manifests.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(index_app, name="index")
+app.add_typer(manifest_app, name="manifest")
+
+StoreArg = Annotated[Path, typer.Argument(help="Store directory.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+def _user_errors(fn: F) -> F:
+    """Translate library errors into one ``Error: ...`` line and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted. Everything committed so far is kept; re-run to resume.", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------------
+# synth / manifest
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@_user_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the cohort (DICOM + manifest).")],
+    patients: Annotated[int, typer.Option("--patients", "-n", min=1, help="Number of patients.")] = 200,
+    seed: Annotated[int, typer.Option(help="Cohort seed (deterministic output).")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: all cores).")] = None,
+    preview: Annotated[bool, typer.Option(help="Also render preview.png of a few cases.")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a synthetic paired CTPA/CXR phantom cohort as real DICOM plus manifest.parquet/.csv."""
+    from embedstore.synth import run_synth
+
+    res = run_synth(out_dir, n_patients=patients, seed=seed, workers=workers, preview=preview,
+                    progress=not json_out)
+    if json_out:
+        _print_json(res)
+    else:
+        typer.echo(f"Wrote {res['n_patients']} patients ({res['n_positive']} PE-positive) to "
+                   f"{res['manifest_path']} in {res['seconds']:.1f} s.")
+        if res.get("preview_path"):
+            typer.echo(f"Preview of a few cases: {res['preview_path']}")
+
+
+@manifest_app.command("validate")
+@_user_errors
+def manifest_validate(
+    manifest: Annotated[Path, typer.Argument(help="manifest.parquet or .csv (or its folder).")],
+    check_paths: Annotated[bool, typer.Option(help="Check that every path exists.")] = True,
+) -> None:
+    """Validate a manifest; the first bad row is named with the fix."""
+    from embedstore.manifest import summarize_manifest
+
+    s = summarize_manifest(manifest, check_paths=check_paths)
+    typer.echo(f"OK: {s['rows']} studies, {s['patients']} patients; by modality {s['by_modality']}; "
+               f"by split {s['by_split']}; labelled {s['labelled']}.")
+
+
+@manifest_app.command("import-paired")
+@_user_errors
+def manifest_import_paired(
+    csv_path: Annotated[Path, typer.Argument(help="CSV with CT_Accession_number, cxr_Accession_number, PE.")],
+    ct_dir: Annotated[Path, typer.Option(help="Folder with one file/folder per CT accession.")],
+    cxr_dir: Annotated[Path, typer.Option(help="Folder with one file per CXR accession.")],
+    out: Annotated[Path, typer.Option(help="Output folder for manifest + pseudonymised links.")],
+    seed: Annotated[int, typer.Option(help="Seed of the patient-level split.")] = 0,
+) -> None:
+    """Import the published method's paired CSV (accessions are pseudonymised with your key)."""
+    from embedstore.manifest import import_paired_csv_with_env_key
+
+    r = import_paired_csv_with_env_key(csv_path, ct_dir=ct_dir, cxr_dir=cxr_dir, out_dir=out, seed=seed)
+    typer.echo(f"Wrote {r.manifest_path}: {r.n_rows} studies, {r.n_patients} patients; "
+               f"excluded {dict(r.excluded) or 'none'}.")
+
+
+@manifest_app.command("import-rspect")
+@_user_errors
+def manifest_import_rspect(
+    train_csv: Annotated[Path, typer.Argument(help="RSPECT train.csv (one row per image).")],
+    images: Annotated[Path, typer.Option(help="Folder holding <StudyUID>/<SeriesUID>/ series.")],
+    out: Annotated[Path, typer.Option(help="Output folder for manifest + pseudonymised links.")],
+    seed: Annotated[int, typer.Option(help="Seed of the patient-level split.")] = 0,
+) -> None:
+    """Import RSNA RSPECT train.csv, one CTPA row per series; indeterminate exams are excluded."""
+    from embedstore.manifest import import_rspect_with_env_key
+
+    r = import_rspect_with_env_key(train_csv, images_dir=images, out_dir=out, seed=seed)
+    typer.echo(f"Wrote {r.manifest_path}: {r.n_rows} series; excluded {dict(r.excluded) or 'none'}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# extract / store
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@_user_errors
+def extract(
+    store: StoreArg,
+    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Manifest (.parquet/.csv).")],
+    modality: Annotated[str, typer.Option(help="cxr or ctpa.")],
+    encoder: Annotated[str | None, typer.Option(help="Encoder name (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local weights file for the encoder.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Encoder batch size.")] = 16,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (0 = inline; default cores-1).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    where: Annotated[str | None, typer.Option(help="SQL predicate over `studies` choosing the cohort.")] = None,
+    shard: Annotated[str | None, typer.Option(help="K/N: this job's deterministic share (or torchrun's RANK/WORLD_SIZE).")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first failed study.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Embed a modality's studies into STORE; resumes automatically; exit 1 if any study failed."""
+    from embedstore.extract import ExtractConfig, parse_shard, run_extract
+
+    cfg = ExtractConfig(modality=modality, encoder=encoder, weights=str(weights) if weights else None,
+                        batch_size=batch_size, workers=workers, device=device, where=where,
+                        shard=parse_shard(shard), strict=strict, progress=not json_out)
+    summary = run_extract(store, manifest, cfg)
+    if json_out:
+        _print_json(summary.to_dict())
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def query(
+    store: StoreArg,
+    sql: Annotated[str, typer.Argument(help="One read-only SELECT over studies, embeddings, pairs, failures, runs.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet.")] = "table",
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 30.0,
+) -> None:
+    """Run read-only SQL over the store's catalog (writes, ATTACH, SET, file access are refused)."""
+    from embedstore.tabular import query_to_output
+
+    query_to_output(store, sql, fmt=fmt, out=out, timeout_s=timeout)
+
+
+@app.command()
+@_user_errors
+def info(store: StoreArg, json_out: JsonOpt = False) -> None:
+    """What is in a store: modalities, encoder keys and specs, counts, failures, size on disk."""
+    from embedstore.tabular import show_info
+
+    show_info(store, as_json=json_out)
+
+
+@app.command()
+@_user_errors
+def verify(store: StoreArg, json_out: JsonOpt = False) -> None:
+    """Check every committed row (checksums, shapes, fill values, alignment); modifies nothing."""
+    from embedstore.tabular import show_verify
+
+    if not show_verify(store, as_json=json_out):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def gc(
+    store: StoreArg,
+    yes: Annotated[bool, typer.Option("--yes", help="Actually remove (default: dry run listing).")] = False,
+) -> None:
+    """Remove superseded or unreferenced embeddings and orphan files (dry run unless --yes)."""
+    from embedstore.tabular import show_gc
+
+    show_gc(store, apply=yes)
+
+
+@app.command()
+@_user_errors
+def encoders(json_out: JsonOpt = False) -> None:
+    """List the registered frozen encoders."""
+    from embedstore.tabular import show_encoders
+
+    show_encoders(as_json=json_out)
+
+
+# ------------------------------------------------------------------------------------------------
+# train / eval / index / neighbors / demo
+# ------------------------------------------------------------------------------------------------
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")]
+WhereOpt = Annotated[str | None, typer.Option(help="SQL predicate over `studies` choosing the cohort.")]
+FracOpt = Annotated[float | None, typer.Option(help="Keep labels for this patient-level fraction of the training split.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed (training and label subset).")]
+NameOpt = Annotated[str | None, typer.Option(help="Run id (default: <kind>-<time>-<rand>).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
+
+
+def _train(kind: str, store: Path, options: dict[str, Any], config: Path | None,
+           sweep: list[str] | None = None) -> None:
+    from embedstore.train import run_training
+
+    run_training(kind, store, options={k: v for k, v in options.items() if v is not None},
+                 config_file=config, sweep=sweep or [])
+
+
+@train_app.command("teacher")
+@_user_errors
+def train_teacher(
+    store: StoreArg,
+    encoder: Annotated[str | None, typer.Option(help="CTPA encoder key in the store (default: the only one).")] = None,
+    head: Annotated[str | None, typer.Option(help="linear or mlp.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    label_fraction: FracOpt = None, where: WhereOpt = None, seed: SeedOpt = None,
+    name: NameOpt = None, device: DeviceOpt = None, config: ConfigOpt = None,
+) -> None:
+    """CTPA teacher classifier on cached CTPA embeddings."""
+    _train("teacher", store, dict(encoder=encoder, head=head, epochs=epochs, lr=lr,
+                                  label_fraction=label_fraction, where=where, seed=seed, name=name,
+                                  device=device), config)
+
+
+@train_app.command("cxr")
+@_user_errors
+def train_cxr(
+    store: StoreArg,
+    encoder: Annotated[str | None, typer.Option(help="CXR encoder key in the store (default: the only one).")] = None,
+    head: Annotated[str | None, typer.Option(help="linear or mlp.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    label_fraction: FracOpt = None, where: WhereOpt = None, seed: SeedOpt = None,
+    name: NameOpt = None, device: DeviceOpt = None, config: ConfigOpt = None,
+) -> None:
+    """Radiograph-only baseline classifier on cached CXR embeddings."""
+    _train("cxr", store, dict(encoder=encoder, head=head, epochs=epochs, lr=lr,
+                              label_fraction=label_fraction, where=where, seed=seed, name=name,
+                              device=device), config)
+
+
+@train_app.command("prior")
+@_user_errors
+def train_prior(
+    store: StoreArg,
+    teacher: Annotated[str, typer.Option(help="Teacher run id (or prefix, or latest:teacher).")] = "latest:teacher",
+    cxr_encoder: Annotated[str | None, typer.Option(help="CXR encoder key (default: the only one).")] = None,
+    ctpa_encoder: Annotated[str | None, typer.Option(help="CTPA encoder key (default: the teacher's).")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", help="Weight of the teacher-consistency BCE term.")] = None,
+    mu: Annotated[float | None, typer.Option(help="Weight of the label BCE term on the labelled subset.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    label_fraction: FracOpt = None, where: WhereOpt = None, seed: SeedOpt = None,
+    name: NameOpt = None, device: DeviceOpt = None, config: ConfigOpt = None,
+    sweep: Annotated[list[str] | None, typer.Option(help="Grid, e.g. --sweep lambda=0,0.1,1 (repeatable).")] = None,
+) -> None:
+    """Diffusion prior CXR -> CTPA-teacher embedding, with a teacher loss that really trains."""
+    _train("prior", store, dict(teacher=teacher, cxr_encoder=cxr_encoder, ctpa_encoder=ctpa_encoder,
+                                lam=lam, mu=mu, epochs=epochs, label_fraction=label_fraction,
+                                where=where, seed=seed, name=name, device=device), config, sweep)
+
+
+@train_app.command("baselines")
+@_user_errors
+def train_baselines(
+    store: StoreArg,
+    teacher: Annotated[str, typer.Option(help="Teacher run id (or prefix, or latest:teacher).")] = "latest:teacher",
+    cxr_encoder: Annotated[str | None, typer.Option(help="CXR encoder key (default: the only one).")] = None,
+    where: WhereOpt = None, seed: SeedOpt = None, config: ConfigOpt = None,
+) -> None:
+    """Deterministic ablations: ridge CXR -> teacher logit and ridge CXR -> CTPA embedding."""
+    _train("baselines", store, dict(teacher=teacher, cxr_encoder=cxr_encoder, where=where, seed=seed),
+           config)
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    store: StoreArg,
+    run: Annotated[list[str], typer.Option("--run", help="Run(s) to evaluate (id, prefix or latest:<kind>).")],
+    compare: Annotated[list[str] | None, typer.Option(help="Also compare against these runs (paired, same test patients).")] = None,
+    split: Annotated[str, typer.Option(help="Split to report (thresholds always come from val).")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Report folder (default STORE/reports/<time>).")] = None,
+    samples: Annotated[int, typer.Option(help="Diffusion samples per CXR.")] = 8,
+    bootstrap: Annotated[int, typer.Option(min=200, help="Bootstrap resamples for CIs.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap / sampling seed.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Paper-style table (AUC + 95% CI, accuracy, sensitivity, specificity), ROC/calibration plots,
+    paired DeLong comparisons, retrieval diagnostics and a self-contained HTML report."""
+    from embedstore.evaluate import EvalConfig, run_eval
+
+    res = run_eval(store, EvalConfig(runs=tuple(run) + tuple(compare or ()), split=split, out_dir=out,
+                                     num_samples=samples, n_bootstrap=bootstrap, seed=seed),
+                   show=not json_out)
+    if json_out:
+        _print_json(res)
+
+
+@index_app.command("build")
+@_user_errors
+def index_build(
+    store: StoreArg,
+    encoder: Annotated[str, typer.Option(help="Encoder key of the embedding set.")],
+    modality: Annotated[str | None, typer.Option(help="cxr or ctpa (default: the set's own).")] = None,
+    kind: Annotated[str, typer.Option(help="auto, flat, ivf or hnsw.")] = "auto",
+) -> None:
+    """Build (or verify and reuse) a FAISS index over an embedding set."""
+    from embedstore.retrieval import build_store_index
+
+    r = build_store_index(store, encoder_key=encoder, modality=modality, kind=kind)
+    typer.echo(f"{'Built' if r['rebuilt'] else 'Verified'} {r['kind']} index of {r['ntotal']} vectors: "
+               f"{r['path']}")
+
+
+@app.command()
+@_user_errors
+def neighbors(
+    store: StoreArg,
+    study_id: Annotated[str, typer.Argument(help="Query study.")],
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of neighbours.")] = 10,
+    encoder: Annotated[str | None, typer.Option(help="Encoder key (default: the study's only one).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Nearest studies (cosine) with their labels and metadata, for case review."""
+    from embedstore.retrieval import show_neighbors
+
+    show_neighbors(store, study_id, k=k, encoder_key=encoder, as_json=json_out)
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Annotated[Path, typer.Argument(help="Working folder (cohort, store, report).")] = Path("demo"),
+    patients: Annotated[int | None, typer.Option(help="Cohort size (default 800).")] = None,
+    seed: Annotated[int, typer.Option(help="Cohort and training seed.")] = 0,
+    label_fraction: Annotated[float, typer.Option(help="Labelled fraction of training patients.")] = 0.25,
+    fractions: Annotated[str, typer.Option(help="Label-efficiency curve fractions ('' to skip).")] = "0.1,0.25,0.5,1.0",
+) -> None:
+    """The whole pipeline on the built-in synthetic cohort: synth -> extract -> train -> eval."""
+    from embedstore.demo import run_demo
+
+    run_demo(workdir, patients=patients, seed=seed, label_fraction=label_fraction,
+             fractions=tuple(float(f) for f in fractions.split(",") if f.strip()))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

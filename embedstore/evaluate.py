@@ -1,0 +1,442 @@
+"""Evaluation: runs -> per-case scores -> the paper's table, paired comparisons, figures, report.
+
+All compared runs are scored on the **same test patients** (the pairs of the split with a label),
+so differences are paired. Thresholds come from the validation split (Youden), never from test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from rich.table import Table
+
+from embedstore import metrics as M
+from embedstore import plots
+from embedstore.errors import ConfigError
+from embedstore.fit import predict_student
+from embedstore.index import retrieval_metrics, shuffled_control
+from embedstore.progress import console, err_console
+from embedstore.report import markdown_table, write_html_report
+from embedstore.runs import Run, list_runs, load_run
+from embedstore.store import Store, open_store
+from embedstore.train import load_model
+
+__all__ = ["EvalConfig", "MODEL_NAMES", "evaluate", "run_eval", "results_summary"]
+
+#: Display names and results.json keys per run kind.
+MODEL_NAMES = {
+    "teacher": ("ctpa_only", "CTPA-only (teacher)"),
+    "cxr": ("cxr_only", "CXR-only"),
+    "prior": ("distilled", "Distilled CXR (diffusion prior)"),
+    "ridge_logit": ("ridge_logit", "Ablation: ridge CXR -> teacher logit"),
+    "ridge_embed": ("ridge_embed", "Ablation: ridge CXR -> CTPA embedding"),
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    runs: tuple[str, ...]
+    split: str = "test"
+    out_dir: Path | None = None
+    num_samples: int = 8
+    steps: int | None = None  # DDIM steps; None -> the prior's validation setting
+    n_bootstrap: int = 2000
+    seed: int = 0
+    sampling_grid: bool = True
+    label_efficiency: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ConfigError("Give at least one --run.")
+        if self.split not in ("val", "test"):
+            raise ConfigError(f"--split must be val or test, got {self.split!r}.")
+        if self.num_samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {self.num_samples}.")
+
+
+@dataclass
+class _Units:
+    """The evaluation cases of one split: one row per labelled patient pair."""
+
+    cxr: list[str]
+    ctpa: list[str]
+    y: np.ndarray  # (N,)
+
+
+@dataclass
+class _Scored:
+    run: Run
+    key: str
+    label: str
+    val: np.ndarray  # (Nv,) probabilities
+    test: np.ndarray  # (Nt,)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _units(store: Store, split: str) -> _Units:
+    t = store.sql(
+        "SELECT cxr_study_id, ctpa_study_id, label_pe FROM pairs WHERE split = "
+        f"'{split}' AND label_pe IS NOT NULL AND cxr_study_id IS NOT NULL "
+        "AND ctpa_study_id IS NOT NULL ORDER BY ctpa_study_id")
+    if t.num_rows == 0:
+        raise ConfigError(f"No labelled CXR/CTPA pairs in the {split} split: nothing to evaluate.")
+    return _Units(t["cxr_study_id"].to_pylist(), t["ctpa_study_id"].to_pylist(),
+                  np.asarray(t["label_pe"].to_pylist(), dtype=np.int64))
+
+
+class _Vectors:
+    """Loads each (modality, encoder) set once and hands out rows by study id."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._cache: dict[tuple[str, str], tuple[np.ndarray, dict[str, int]]] = {}
+
+    def get(self, modality: str, key: str, ids: Sequence[str]) -> np.ndarray:
+        if (modality, key) not in self._cache:
+            es = self.store.load(modality, key)
+            pos = {s: i for i, s in enumerate(es.meta["study_id"].to_pylist())}
+            self._cache[(modality, key)] = (es.vectors, pos)
+        vecs, pos = self._cache[(modality, key)]
+        missing = [s for s in ids if s not in pos]
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} evaluation studies have no {modality} embedding for encoder {key} "
+                f"(e.g. {missing[0]}). Extract them first, or check the failures table.")
+        return vecs[[pos[s] for s in ids]]
+
+
+def _probs(x: torch.Tensor) -> np.ndarray:
+    return torch.sigmoid(x.float()).numpy().astype(np.float64)
+
+
+def _score(run: Run, store: Store, vec: _Vectors, units: dict[str, _Units], cfg: EvalConfig
+           ) -> dict[str, dict[str, Any]]:
+    """Per split: {'p': probabilities, ...extras} for one run."""
+    model = load_model(run)
+    c = run.config
+    out: dict[str, dict[str, Any]] = {}
+    for split, u in units.items():
+        with torch.no_grad():
+            if run.kind == "teacher":
+                x = torch.from_numpy(vec.get("CTPA", c["encoder_key"], u.ctpa))
+                out[split] = {"p": _probs(model(x))}
+            elif run.kind == "cxr":
+                x = torch.from_numpy(vec.get("CXR", c["encoder_key"], u.cxr))
+                out[split] = {"p": _probs(model(x))}
+            else:
+                teacher = load_model(load_run(store.runs_dir, c["teacher_run"]))
+                x = torch.from_numpy(vec.get("CXR", c["cxr_encoder_key"], u.cxr))
+                if run.kind == "ridge_logit":
+                    out[split] = {"p": _probs(model(x))}
+                elif run.kind == "ridge_embed":
+                    emb = model(x)
+                    out[split] = {"p": _probs(teacher(emb)), "emb": emb.numpy()}
+                else:  # prior
+                    steps = cfg.steps or int(c["trainer"].get("val_steps", 10))
+                    p, sd, emb = predict_student(model, teacher, x, cfg.num_samples, steps,
+                                                 seed=cfg.seed)  # type: ignore[arg-type]
+                    out[split] = {"p": p.double().numpy(), "std": sd.double().numpy(),
+                                  "emb": emb.numpy(), "steps": steps}
+    return out
+
+
+def _name(run: Run, taken: set[str]) -> tuple[str, str]:
+    key, label = MODEL_NAMES[run.kind]
+    if key in taken:
+        key, label = f"{key}:{run.run_id}", f"{label} [{run.run_id}]"
+    taken.add(key)
+    return key, label
+
+
+def _sampling_grid(run: Run, store: Store, vec: _Vectors, u: _Units, uv: _Units, cfg: EvalConfig
+                   ) -> list[dict[str, Any]]:
+    prior = load_model(run)
+    teacher = load_model(load_run(store.runs_dir, run.config["teacher_run"]))
+    x = torch.from_numpy(vec.get("CXR", run.config["cxr_encoder_key"], u.cxr))
+    rows = []
+    for steps in (5, 10, 25, 50):
+        for k in (1, 2, 4, 8, 16):
+            p, _, _ = predict_student(prior, teacher, x, k, steps, seed=cfg.seed)  # type: ignore[arg-type]
+            s = p.double().numpy()
+            lo, hi = M.bootstrap_auc_ci(u.y, s, n_resamples=max(200, cfg.n_bootstrap // 4),
+                                        seed=cfg.seed)
+            rows.append({"num_samples": k, "steps": steps, "auc": M.roc_auc(u.y, s), "lo": lo, "hi": hi})
+    return rows
+
+
+def _label_efficiency(store: Store, vec: _Vectors, units: dict[str, _Units], cfg: EvalConfig
+                      ) -> list[dict[str, Any]]:
+    """Test AUC of CXR-only vs distilled per labelled fraction, from the store's runs."""
+    rows: list[dict[str, Any]] = []
+    latest: dict[tuple[str, float], Run] = {}
+    for r in list_runs(store.runs_dir, ("cxr", "prior", "teacher")):
+        f = r.config.get("teacher_label_fraction") if r.kind == "prior" else r.config.get("label_fraction")
+        if f is not None and r.config.get("where") is None:
+            latest[(r.kind, float(f))] = r  # list_runs is oldest first: keep the newest
+    fracs = sorted({f for (_, f) in latest})
+    if len(fracs) < 2:
+        return rows
+    u = units[cfg.split]
+    for (kind, f), r in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        s = _score(r, store, vec, {cfg.split: u}, cfg)[cfg.split]["p"]
+        lo, hi = M.bootstrap_auc_ci(u.y, s, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+        rows.append({"fraction": f, "model": MODEL_NAMES[kind][1], "auc": M.roc_auc(u.y, s),
+                     "lo": lo, "hi": hi, "run_id": r.run_id})
+    return rows
+
+
+def _retrieval(scored: list[_Scored], store: Store, vec: _Vectors, u: _Units, cfg: EvalConfig
+               ) -> list[dict[str, Any]]:
+    rows = []
+    for sc in scored:
+        emb = sc.extra.get("test_emb")
+        if emb is None:
+            continue
+        ctpa_key = sc.run.config["ctpa_encoder_key"]
+        db = vec.get("CTPA", ctpa_key, u.ctpa)  # (N, Dc) real test CTPA embeddings
+        true = np.arange(len(u.ctpa))
+        r = retrieval_metrics(emb, db, true)
+        rows.append({"query": f"{sc.label}: generated CTPA (mean of samples)", **r})
+        if not any(x["query"].startswith("Control") for x in rows):
+            ctl = shuffled_control(emb, db, true, seed=cfg.seed)
+            rows.append({"query": "Control: shuffled pairing", **ctl})
+    return rows
+
+
+def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> dict[str, Any]:
+    """Score the runs, compute the table, comparisons, figures and report; return the results."""
+    store = open_store(store_path)
+    runs = []
+    for ref in cfg.runs:
+        r = load_run(store.runs_dir, ref)
+        if r.run_id not in {x.run_id for x in runs}:
+            runs.append(r)
+    units = {"val": _units(store, "val"), cfg.split: _units(store, cfg.split)}
+    vec = _Vectors(store)
+    taken: set[str] = set()
+    scored: list[_Scored] = []
+    for r in runs:
+        s = _score(r, store, vec, units, cfg)
+        key, label = _name(r, taken)
+        sc = _Scored(r, key, label, s["val"]["p"], s[cfg.split]["p"])
+        if "std" in s[cfg.split]:
+            sc.extra["test_std"] = s[cfg.split]["std"]
+        if "emb" in s[cfg.split]:
+            sc.extra["test_emb"] = s[cfg.split]["emb"]
+        if "steps" in s[cfg.split]:
+            sc.extra["steps"] = s[cfg.split]["steps"]
+        scored.append(sc)
+    u, uv = units[cfg.split], units["val"]
+    table: list[dict[str, Any]] = []
+    for sc in scored:
+        summ = M.summarize_binary(u.y, sc.test, y_val=uv.y, s_val=sc.val,
+                                  n_resamples=cfg.n_bootstrap, seed=cfg.seed,
+                                  score_kind="probability")
+        table.append({"key": sc.key, "model": sc.label, "run_id": sc.run.run_id, **summ})
+    comparisons = _comparisons(scored, u.y, cfg)
+    for row in table:
+        for c in comparisons:
+            if c["model"] == row["key"] and c["reference"] == "cxr_only":
+                row["delta_auc_vs_cxr_only"] = c["delta_auc"]
+                row["delta_auc_ci"] = c["delta_auc_ci"]
+                row["delta_auc_delong_p"] = c["delong_p"]
+    out = Path(cfg.out_dir) if cfg.out_dir else (
+        store.root / "reports" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
+    figures["ROC curves of the compared models (test split)"] = plots.plot_roc(
+        {sc.label: (u.y, sc.test) for sc in scored}, out / "roc.png",
+        cis={sc.label: tuple(t["auc_ci"]) for sc, t in zip(scored, table, strict=True)})
+    figures["Reliability diagram (test split)"] = plots.plot_reliability(
+        {sc.label: (u.y, sc.test) for sc in scored}, out / "reliability.png")
+    extras: dict[str, Any] = {}
+    refs = {t["model"]: t["auc"] for t in table if t["key"] in ("cxr_only", "ridge_logit")}
+    for sc in scored:
+        if sc.run.kind != "prior":
+            continue
+        if cfg.sampling_grid:
+            grid = _sampling_grid(sc.run, store, vec, u, uv, cfg)
+            extras.setdefault("sampling_grid", {})[sc.key] = grid
+            figures[f"{sc.label}: test AUC vs number of samples and DDIM steps"] = \
+                plots.plot_auc_vs_sampling(grid, out / f"sampling_{_safe(sc.key)}.png", references=refs)
+        if "test_std" in sc.extra:
+            err = np.abs(sc.test - u.y)
+            figures[f"{sc.label}: per-case uncertainty vs error"] = plots.plot_uncertainty_vs_error(
+                sc.extra["test_std"], err, out / f"uncertainty_{_safe(sc.key)}.png")
+            extras.setdefault("uncertainty", {})[sc.key] = {
+                "mean_std": float(np.mean(sc.extra["test_std"])),
+                "spearman_std_vs_abs_error": _spearman(sc.extra["test_std"], err)}
+    if cfg.label_efficiency:
+        le = _label_efficiency(store, vec, units, cfg)
+        if le:
+            extras["label_efficiency"] = le
+            figures["Label efficiency: test AUC vs labelled fraction of training patients"] = \
+                plots.plot_label_efficiency(le, out / "label_efficiency.png")
+    retrieval = _retrieval(scored, store, vec, u, cfg)
+    _write_predictions(out / "predictions.parquet", scored, u, cfg.split)
+    results = {
+        "split": cfg.split, "n": int(len(u.y)), "n_pos": int(u.y.sum()),
+        "models": table, "comparisons": comparisons, "retrieval": retrieval, **extras,
+        "config": {"num_samples": cfg.num_samples, "steps": cfg.steps,
+                   "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed},
+        "notes": _notes(table, comparisons),
+        "out_dir": str(out),
+    }
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_jdefault))
+    cols = {"model": "Model", "auc": "AUC", "auc_ci": "AUC 95% CI", "accuracy": "Accuracy",
+            "sensitivity": "Sensitivity", "specificity": "Specificity", "auprc": "AUPRC", "ece": "ECE"}
+    md = [f"# Evaluation ({cfg.split} split, n={len(u.y)}, {int(u.y.sum())} PE-positive)\n",
+          markdown_table(table, cols), "\n## Paired comparisons\n",
+          markdown_table(comparisons, None) if comparisons else "none\n"]
+    if retrieval:
+        md += ["\n## Retrieval diagnostics\n", markdown_table(retrieval, None)]
+    (out / "metrics.md").write_text("\n".join(md) + "\n")
+    report = write_html_report(
+        out / "report.html", title=f"embedstore evaluation — {cfg.split} split",
+        table_rows=table, columns=cols, figures=figures,
+        configs={sc.label: dict(sc.run.config) for sc in scored},
+        notes=results["notes"], retrieval=retrieval, comparisons=comparisons)
+    results["report"] = str(report)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_jdefault))
+    return results
+
+
+def _safe(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def _comparisons(scored: list[_Scored], y: np.ndarray, cfg: EvalConfig) -> list[dict[str, Any]]:
+    by_key = {sc.key: sc for sc in scored}
+    pairs = []
+    for sc in scored:
+        for ref in ("cxr_only", "ridge_logit", "ctpa_only"):
+            if ref in by_key and ref != sc.key and not (sc.key == "ctpa_only"):
+                if ref == "ridge_logit" and sc.run.kind != "prior":
+                    continue
+                if ref == "ctpa_only" and sc.run.kind != "prior":
+                    continue
+                pairs.append((sc, by_key[ref]))
+    rows = []
+    for a, b in pairs:
+        d = M.delong_test(y, a.test, b.test)
+        delta, lo, hi = M.paired_bootstrap_delta(y, a.test, b.test, n_resamples=cfg.n_bootstrap,
+                                                 seed=cfg.seed)
+        rows.append({"model": a.key, "reference": b.key, "delta_auc": delta,
+                     "delta_auc_ci": [lo, hi], "delong_p": d.p, "delong_ci": list(d.ci)})
+    return rows
+
+
+def _notes(table: list[dict[str, Any]], comps: list[dict[str, Any]]) -> list[str]:
+    notes = ["Thresholds for accuracy/sensitivity/specificity are chosen on the validation split "
+             "(Youden's J) and applied unchanged to the test split.",
+             "AUC CIs: stratified bootstrap; deltas: paired bootstrap on the same test patients, "
+             "with DeLong's test."]
+    auc = {t["key"]: t["auc"] for t in table}
+    if "distilled" in auc and "ridge_logit" in auc:
+        if auc["distilled"] >= auc["ridge_logit"]:
+            notes.append(f"The diffusion student (AUC {auc['distilled']:.3f}) matches or beats the "
+                         f"deterministic ridge CXR->teacher-logit baseline ({auc['ridge_logit']:.3f}).")
+        else:
+            notes.append(f"Honest ablation: the deterministic ridge CXR->teacher-logit baseline "
+                         f"(AUC {auc['ridge_logit']:.3f}) beats the diffusion student "
+                         f"({auc['distilled']:.3f}) on this cohort.")
+    for c in comps:
+        if c["model"] == "distilled" and c["reference"] == "cxr_only":
+            lo = c["delta_auc_ci"][0]
+            verdict = "above 0: distillation helps" if lo > 0 else "includes 0: not significant"
+            notes.append(f"Distilled - CXR-only: dAUC {c['delta_auc']:+.3f}, 95% CI "
+                         f"[{c['delta_auc_ci'][0]:+.3f}, {c['delta_auc_ci'][1]:+.3f}] ({verdict}); "
+                         f"DeLong p = {c['delong_p']:.3g}.")
+    return notes
+
+
+def _write_predictions(path: Path, scored: list[_Scored], u: _Units, split: str) -> None:
+    cols: dict[str, Any] = {"cxr_study_id": u.cxr, "ctpa_study_id": u.ctpa, "label_pe": u.y,
+                            "split": [split] * len(u.y)}
+    for sc in scored:
+        cols[f"p_{sc.key}"] = sc.test
+        if "test_std" in sc.extra:
+            cols[f"std_{sc.key}"] = sc.extra["test_std"]
+    pq.write_table(pa.table(cols), path)
+
+
+def _jdefault(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _ci(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def print_results(results: Mapping[str, Any]) -> None:
+    t = Table(title=f"Test-split results (n={results['n']}, {results['n_pos']} PE-positive; "
+                    "thresholds from validation)")
+    for col in ("Model", "AUC", "95% CI", "Accuracy", "Sensitivity", "Specificity", "AUPRC",
+                "dAUC vs CXR-only [95% CI]"):
+        t.add_column(col, justify="left" if col == "Model" else "right")
+    for m in results["models"]:
+        delta = ""
+        if "delta_auc_vs_cxr_only" in m:
+            delta = f"{m['delta_auc_vs_cxr_only']:+.3f} {_ci(m['delta_auc_ci'])}"
+        t.add_row(m["model"], f"{m['auc']:.3f}", _ci(m["auc_ci"]), f"{m['accuracy']:.3f}",
+                  f"{m['sensitivity']:.3f}", f"{m['specificity']:.3f}", f"{m['auprc']:.3f}", delta)
+    console.print(t)
+    if results.get("retrieval"):
+        r = Table(title="Retrieval: does the generated CTPA embedding find its own patient's real one?")
+        for col in ("Query", "recall@1", "recall@5", "recall@10", "median rank", "of"):
+            r.add_column(col, justify="left" if col == "Query" else "right")
+        for row in results["retrieval"]:
+            r.add_row(row["query"], f"{row['recall@1']:.3f}", f"{row['recall@5']:.3f}",
+                      f"{row['recall@10']:.3f}", f"{row['median_rank']:.0f}", str(row["n_db"]))
+        console.print(r)
+    for n in results.get("notes", [])[2:]:
+        console.print(f"- {n}", markup=False)
+    console.print(f"Report: {results['report']}")
+
+
+def results_summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The compact results.json: one entry per model with the headline numbers."""
+    out: dict[str, Any] = {}
+    for m in results["models"]:
+        entry = {k: m[k] for k in ("auc", "auc_ci", "accuracy", "sensitivity", "specificity",
+                                   "auprc", "run_id")}
+        for k in ("delta_auc_vs_cxr_only", "delta_auc_ci", "delta_auc_delong_p"):
+            if k in m:
+                entry[k] = m[k]
+        out[m["key"]] = entry
+    return out
+
+
+def run_eval(store_path: str | os.PathLike[str], cfg: EvalConfig, *, show: bool = True
+             ) -> dict[str, Any]:
+    """CLI entry: evaluate, print the table and the report path."""
+    if show:
+        err_console.print(f"Evaluating {len(cfg.runs)} run(s) on the {cfg.split} split ...")
+    results = evaluate(store_path, cfg)
+    if show:
+        print_results(results)
+    return results

@@ -1,0 +1,429 @@
+"""Extraction: manifest rows -> parallel decode + preprocess -> frozen encoder -> store.
+
+Decoding runs in a process pool while the main process encodes, with a bounded number of studies
+in flight, so the encoder stays busy and memory stays bounded whatever the cohort size. Resume is
+automatic: a study is skipped when its (study_id, source signature) or its cache key is already
+committed. What is hashed (see docs/STORE_FORMAT.md):
+
+    cache_key = sha256(schema_version, content_hash, preprocess fingerprint, encoder fingerprint)
+    content_hash = raw pixel bytes + the geometry / rescale / photometric attributes (dicom.py)
+    encoder fingerprint = encoder spec JSON + sha256 of every weight tensor's bytes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedstore.errors import ConfigError, DicomError, EmbedstoreError
+from embedstore.manifest import Manifest, load_manifest
+from embedstore.models.encoders import FrozenEncoder, create_encoder
+from embedstore.preprocess import PreprocessSpec, load_study
+from embedstore.store import SCHEMA_VERSION, Store, open_store
+
+__all__ = [
+    "ExtractConfig",
+    "ExtractSummary",
+    "extract",
+    "cache_key",
+    "encoder_store_key",
+    "default_encoder",
+    "parse_shard",
+    "run_extract",
+]
+
+DEFAULT_ENCODERS = {"CXR": "demo-cxr", "CTPA": "demo-ctpa"}
+
+
+def default_encoder(modality: str) -> str:
+    return DEFAULT_ENCODERS[_modality(modality)]
+
+
+def _modality(m: str) -> str:
+    up = m.upper()
+    if up not in DEFAULT_ENCODERS:
+        raise ConfigError(f"Unknown modality {m!r}. Valid: cxr, ctpa.")
+    return up
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` (1-based) -> (K, N); None -> torchrun's RANK/WORLD_SIZE when set, else None."""
+    if text is None:
+        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+            return int(os.environ.get("RANK", "0")) + 1, int(os.environ["WORLD_SIZE"])
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError as e:
+        raise ConfigError(f"--shard must look like K/N (e.g. 1/4), got {text!r}.") from e
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text!r}: K must be between 1 and N.")
+    return k, n
+
+
+def _in_shard(study_id: str, shard: tuple[int, int] | None) -> bool:
+    if shard is None:
+        return True
+    k, n = shard
+    return zlib.crc32(study_id.encode()) % n == k - 1
+
+
+def cache_key(content_hash: str, preprocess_fp: str, encoder_fp: str) -> str:
+    h = hashlib.sha256()
+    for part in (f"schema={SCHEMA_VERSION}", content_hash, preprocess_fp, encoder_fp):
+        h.update(part.encode())
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def encoder_store_key(encoder: FrozenEncoder, preprocess: PreprocessSpec) -> str:
+    """The store's name for (encoder, weights, preprocessing): ``<name>-<10 hex>``."""
+    fp = hashlib.sha256((encoder.fingerprint() + preprocess.fingerprint()).encode()).hexdigest()
+    return f"{encoder.spec.name}-{fp[:10]}"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything ``embedstore extract`` accepts."""
+
+    modality: str
+    encoder: str | None = None  # registry name; None -> the demo encoder of the modality
+    weights: str | None = None  # local weights file for the encoder
+    batch_size: int = 16
+    workers: int | None = None  # decode processes; None -> max(1, cores - 1)
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    where: str | None = None  # SQL predicate over the studies view
+    shard: tuple[int, int] | None = None
+    strict: bool = False
+    max_in_flight: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modality", _modality(self.modality))
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}.")
+
+
+@dataclass
+class ExtractSummary:
+    modality: str
+    encoder_key: str
+    selected: int = 0
+    done: int = 0
+    cached: int = 0
+    failed: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def items_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["items_per_s"] = round(self.items_per_s, 3)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (runs in the decode processes)
+# ---------------------------------------------------------------------------------------------
+
+_W: dict[str, Any] = {}
+
+
+def _worker_init(spec: dict[str, Any], encoder_fp: str, committed: frozenset[str]) -> None:
+    torch.set_num_threads(1)  # the decode workers must not fight the encoder for cores
+    _W["spec"] = PreprocessSpec.from_dict(spec)
+    _W["encoder_fp"] = encoder_fp
+    _W["committed"] = committed
+
+
+def _prepare(study_id: str, path: str, modality: str) -> dict[str, Any]:
+    """Decode + preprocess one study, or report it as cached (by cache key) or failed."""
+    spec: PreprocessSpec = _W["spec"]
+    try:
+        # One read gives pixels and content hash. (A study whose source signature is already
+        # committed never gets here; this path is for new or moved studies.)
+        loaded = load_study(path, modality, spec)
+        key = cache_key(loaded.content_hash, spec.fingerprint(), _W["encoder_fp"])
+        if key in _W["committed"]:
+            return {"study_id": study_id, "status": "cached", "cache_key": key}
+        return {"study_id": study_id, "status": "ok", "cache_key": key,
+                "content_hash": loaded.content_hash, "array": loaded.array}
+    except DicomError as e:
+        return {"study_id": study_id, "status": "failed", "reason": e.reason, "message": str(e)}
+    except EmbedstoreError as e:
+        return {"study_id": study_id, "status": "failed", "reason": e.reason, "message": str(e)}
+    except (OSError, ValueError, MemoryError) as e:
+        # Anything else the reader did not classify: keep going, but say which stage and type.
+        return {"study_id": study_id, "status": "failed", "reason": "read_error",
+                "message": f"{type(e).__name__} while reading the study"}
+
+
+class _InlineExecutor:
+    """workers=0: decode in the main process (debugging, tiny cohorts)."""
+
+    def __init__(self, initargs: tuple[Any, ...]):
+        _worker_init(*initargs)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def _bounded_map(
+    executor: Any, tasks: list[tuple[str, str, str]], max_in_flight: int
+) -> Iterator[dict[str, Any]]:
+    """Results in submission order with at most ``max_in_flight`` studies decoded ahead."""
+    pending: deque[Future[Any]] = deque()
+    it = iter(tasks)
+    for t in it:
+        pending.append(executor.submit(_prepare, *t))
+        if len(pending) >= max_in_flight:
+            break
+    while pending:
+        res = pending.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(executor.submit(_prepare, *nxt))
+        yield res
+
+
+# ---------------------------------------------------------------------------------------------
+# Main side
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r} asked for CUDA but no GPU is available. Use --device cpu.")
+    return torch.device(name)
+
+
+def _preprocess_for(encoder: FrozenEncoder, modality: str) -> PreprocessSpec:
+    size = tuple(int(x) for x in encoder.input_size)
+    if modality == "CTPA":
+        return PreprocessSpec(modality="CTPA", ct_shape=size)  # type: ignore[arg-type]
+    return PreprocessSpec(modality="CXR", cxr_size=size)  # type: ignore[arg-type]
+
+
+def _select_rows(
+    store: Store, manifest: Manifest, cfg: ExtractConfig
+) -> list[dict[str, Any]]:
+    rows = manifest.rows(cfg.modality)
+    if cfg.where:
+        keep = set(store.sql(f"SELECT study_id FROM studies WHERE {cfg.where}")["study_id"].to_pylist())
+        rows = [r for r in rows if r["study_id"] in keep]
+    return [r for r in rows if _in_shard(str(r["study_id"]), cfg.shard)]
+
+
+def extract(
+    store_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    cfg: ExtractConfig,
+    *,
+    on_progress: Callable[[ExtractSummary, int], None] | None = None,
+) -> ExtractSummary:
+    """Embed every selected study of ``cfg.modality`` into the store; return what happened.
+
+    ``on_progress(summary, total)`` is called after each study (the CLI draws a progress bar).
+    A failure of one study is recorded in the store's failures table and extraction goes on,
+    unless ``cfg.strict``, which stops at the first failure (after committing what is done).
+    """
+    t0 = time.perf_counter()
+    manifest = load_manifest(manifest_path, check_paths=False)
+    store = open_store(store_path, create=True)
+    store.attach_manifest(manifest.table)
+    device = _device(cfg.device)
+    encoder = create_encoder(cfg.encoder or default_encoder(cfg.modality), weights=cfg.weights,
+                             device=str(device))
+    if encoder.input_kind != ("volume" if cfg.modality == "CTPA" else "image"):
+        raise ConfigError(
+            f"Encoder {encoder.spec.name!r} takes {encoder.input_kind} input, which does not fit "
+            f"modality {cfg.modality}. Use a {'volume' if cfg.modality == 'CTPA' else 'image'} encoder."
+        )
+    pp = _preprocess_for(encoder, cfg.modality)
+    key = encoder_store_key(encoder, pp)
+    summary = ExtractSummary(modality=cfg.modality, encoder_key=key)
+    rows = _select_rows(store, manifest, cfg)
+    summary.selected = len(rows)
+    spec = {
+        "encoder": encoder.spec.to_dict(),
+        "encoder_fingerprint": encoder.fingerprint(),
+        "weights_hash": encoder.weights_hash(),
+        "preprocess": pp.to_dict(),
+        "preprocess_fingerprint": pp.fingerprint(),
+        "modality": cfg.modality,
+        "embed_dim": encoder.embed_dim,
+    }
+    scope = None if cfg.shard is None else f"shard-{cfg.shard[0]}-of-{cfg.shard[1]}"
+    patient_of = {str(r["study_id"]): str(r["patient_id"]) for r in rows}
+    with store.writer(cfg.modality, key, dim=encoder.embed_dim, spec=spec, capacity=len(rows),
+                      lock_scope=scope) as w:
+        from embedstore.dicom import source_signature
+
+        done_sources = w.committed_sources()
+        todo: list[tuple[str, str, str]] = []
+        sigs: dict[str, str | None] = {}
+        for r in rows:
+            sid = str(r["study_id"])
+            path = manifest.resolve(str(r["path"]))
+            if not path.exists():
+                w.record_failure(study_id=sid, modality=cfg.modality, stage="locate",
+                                 reason="path_not_found",
+                                 message=f"study {sid}: its manifest path does not exist")
+                summary.failed += 1
+                summary.failures_by_reason["path_not_found"] = (
+                    summary.failures_by_reason.get("path_not_found", 0) + 1)
+                if cfg.strict:
+                    break
+                continue
+            try:
+                sig = source_signature(path)
+            except OSError:
+                sig = None
+            sigs[sid] = sig
+            if sig is not None and (sid, sig) in done_sources:
+                summary.cached += 1
+                continue
+            todo.append((sid, str(path), cfg.modality))
+        if on_progress:
+            on_progress(summary, len(rows))
+        if todo and not (cfg.strict and summary.failed):
+            _run_pipeline(w, encoder, device, cfg, todo, sigs, patient_of, summary, on_progress,
+                          len(rows))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_pipeline(
+    w: Any,
+    encoder: FrozenEncoder,
+    device: torch.device,
+    cfg: ExtractConfig,
+    todo: list[tuple[str, str, str]],
+    sigs: dict[str, str | None],
+    patient_of: dict[str, str],
+    summary: ExtractSummary,
+    on_progress: Callable[[ExtractSummary, int], None] | None,
+    total: int,
+) -> None:
+    n_workers = cfg.workers if cfg.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    pp = _preprocess_for(encoder, cfg.modality)
+    initargs = (pp.to_dict(), encoder.fingerprint(), frozenset(w.committed_keys()))
+    if n_workers == 0:
+        executor: Any = _InlineExecutor(initargs)
+    else:
+        executor = ProcessPoolExecutor(
+            max_workers=min(n_workers, len(todo)),
+            mp_context=mp.get_context("spawn"),  # torch is imported: never fork it
+            initializer=_worker_init,
+            initargs=initargs,
+        )
+    in_flight = cfg.max_in_flight or max(2 * n_workers, cfg.batch_size + n_workers)
+    batch: list[dict[str, Any]] = []
+    autocast = device.type == "cuda" and cfg.amp
+
+    def encode(items: list[dict[str, Any]]) -> None:
+        x = torch.from_numpy(np.stack([it["array"] for it in items]))
+        if encoder.input_kind == "image":
+            x = x.unsqueeze(1)  # (B, 1, H, W)
+        x = x.to(device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                    enabled=autocast):
+            emb = encoder(x).float().cpu().numpy()  # (B, D)
+        for it, vec in zip(items, emb, strict=True):
+            sid = it["study_id"]
+            w.add(study_id=sid, patient_id=patient_of[sid], cache_key=it["cache_key"],
+                  content_hash=it["content_hash"], source_sig=sigs.get(sid), vector=vec)
+        summary.done += len(items)
+
+    try:
+        for res in _bounded_map(executor, todo, in_flight):
+            status = res["status"]
+            if status == "ok":
+                batch.append(res)
+                if len(batch) >= cfg.batch_size:
+                    encode(batch)
+                    batch = []
+            elif status == "cached":
+                summary.cached += 1
+            else:
+                summary.failed += 1
+                reason = res["reason"]
+                summary.failures_by_reason[reason] = summary.failures_by_reason.get(reason, 0) + 1
+                w.record_failure(study_id=res["study_id"], modality=cfg.modality, stage="decode",
+                                 reason=reason, message=res["message"])
+                if cfg.strict:
+                    break
+            if on_progress:
+                on_progress(summary, total)
+        if batch:
+            encode(batch)
+            if on_progress:
+                on_progress(summary, total)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        if batch:
+            encode(batch)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        w.flush()
+
+
+def run_extract(
+    store_path: str | os.PathLike[str], manifest_path: str | os.PathLike[str], cfg: ExtractConfig
+) -> ExtractSummary:
+    """``extract`` with a rich progress bar and a final summary line (what the CLI calls)."""
+    from embedstore.progress import err_console, progress_bar
+
+    with progress_bar(f"extract {cfg.modality}", None, enabled=cfg.progress) as bar:
+
+        def on_progress(s: ExtractSummary, total: int) -> None:
+            bar.update(s.done + s.cached + s.failed, total=total,
+                       info=f"new {s.done} cached {s.cached} failed {s.failed}")
+
+        summary = extract(store_path, manifest_path, cfg, on_progress=on_progress)
+    if cfg.progress:
+        err_console.print(summary_line(summary), markup=False)
+    return summary
+
+
+def summary_line(s: ExtractSummary) -> str:
+    parts = [f"{s.modality} [{s.encoder_key}]: {s.selected} selected, {s.done} embedded"]
+    if s.done:
+        parts[-1] += f" ({s.items_per_s:.1f}/s)"
+    parts.append(f"{s.cached} cached" + (" (nothing to do)" if s.cached == s.selected else ""))
+    if s.failed:
+        reasons = ", ".join(f"{k} x{v}" for k, v in sorted(s.failures_by_reason.items()))
+        parts.append(f"{s.failed} FAILED ({reasons}; see `embedstore query STORE "
+                     f"\"SELECT * FROM failures\"`)")
+    else:
+        parts.append("0 failed")
+    if s.interrupted:
+        parts.append("INTERRUPTED: re-run to resume")
+    return "; ".join(parts) + f" in {s.seconds:.1f} s."
