@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from embedstore.models.encoders import create_encoder
 
 from embedstore.extract import ExtractConfig, extract
 from embedstore.manifest import load_manifest
-from embedstore.models.encoders import create_encoder
 from embedstore.preprocess import PreprocessSpec, load_study
 from embedstore.synth import synthesize_cohort
 

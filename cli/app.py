@@ -7,7 +7,6 @@ with ``--json``) and maps library errors to ``Error: <message>`` on stderr with 
 from __future__ import annotations
 
 import functools
-
 import json
 import sys
 from collections.abc import Callable

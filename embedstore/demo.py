@@ -11,6 +11,7 @@ says so; delete ``WORKDIR/store/runs/<name>`` (or the whole WORKDIR) to recomput
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -91,12 +92,15 @@ def run_demo(
     main: dict[str, Run] = {}
     for f in fracs:
         tag = f"{_fraction_tag(f)}-s{seed}"
-        teacher = _reuse_or_train(store_dir, f"teacher-{tag}", lambda: train_classifier(
-            store_dir, "teacher", label_fraction=f, seed=seed, name=f"teacher-{tag}", progress=progress))
-        cxr = _reuse_or_train(store_dir, f"cxr-{tag}", lambda: train_classifier(
-            store_dir, "cxr", label_fraction=f, seed=seed, name=f"cxr-{tag}", progress=progress))
-        prior = _reuse_or_train(store_dir, f"prior-{tag}", lambda: train_prior(
-            store_dir, teacher=f"teacher-{tag}", seed=seed, name=f"prior-{tag}", progress=progress))
+        teacher = _reuse_or_train(store_dir, f"teacher-{tag}", functools.partial(
+            train_classifier, store_dir, "teacher", label_fraction=f, seed=seed,
+            name=f"teacher-{tag}", progress=progress))
+        cxr = _reuse_or_train(store_dir, f"cxr-{tag}", functools.partial(
+            train_classifier, store_dir, "cxr", label_fraction=f, seed=seed, name=f"cxr-{tag}",
+            progress=progress))
+        prior = _reuse_or_train(store_dir, f"prior-{tag}", functools.partial(
+            train_prior, store_dir, teacher=f"teacher-{tag}", seed=seed, name=f"prior-{tag}",
+            progress=progress))
         if f == label_fraction:
             main = {"teacher": teacher, "cxr": cxr, "prior": prior}  # type: ignore[dict-item]
     timings["train_s"] = time.perf_counter() - t0

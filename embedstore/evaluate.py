@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from rich import box
 from rich.table import Table
 
 from embedstore import metrics as M
@@ -206,10 +207,10 @@ def _retrieval(scored: list[_Scored], store: Store, vec: _Vectors, u: _Units, cf
         db = vec.get("CTPA", ctpa_key, u.ctpa)  # (N, Dc) real test CTPA embeddings
         true = np.arange(len(u.ctpa))
         r = retrieval_metrics(emb, db, true)
-        rows.append({"query": f"{sc.label}: generated CTPA (mean of samples)", **r})
-        if not any(x["query"].startswith("Control") for x in rows):
+        rows.append({"key": sc.key, "query": f"{sc.label}: generated CTPA embedding", **r})
+        if not any(x["key"] == "shuffled_control" for x in rows):
             ctl = shuffled_control(emb, db, true, seed=cfg.seed)
-            rows.append({"query": "Control: shuffled pairing", **ctl})
+            rows.append({"key": "shuffled_control", "query": "Control: shuffled pairing", **ctl})
     return rows
 
 
@@ -350,14 +351,20 @@ def _notes(table: list[dict[str, Any]], comps: list[dict[str, Any]]) -> list[str
              "AUC CIs: stratified bootstrap; deltas: paired bootstrap on the same test patients, "
              "with DeLong's test."]
     auc = {t["key"]: t["auc"] for t in table}
-    if "distilled" in auc and "ridge_logit" in auc:
-        if auc["distilled"] >= auc["ridge_logit"]:
+    vs_ridge = next((c for c in comps if c["model"] == "distilled"
+                     and c["reference"] == "ridge_logit"), None)
+    if vs_ridge is not None:
+        lo, hi = vs_ridge["delta_auc_ci"]
+        sig = "not significant" if lo <= 0 <= hi else "significant"
+        if vs_ridge["delta_auc"] >= 0:
             notes.append(f"The diffusion student (AUC {auc['distilled']:.3f}) matches or beats the "
-                         f"deterministic ridge CXR->teacher-logit baseline ({auc['ridge_logit']:.3f}).")
+                         f"deterministic ridge CXR->teacher-logit baseline ({auc['ridge_logit']:.3f}): "
+                         f"dAUC {vs_ridge['delta_auc']:+.3f} [{lo:+.3f}, {hi:+.3f}], {sig}.")
         else:
             notes.append(f"Honest ablation: the deterministic ridge CXR->teacher-logit baseline "
-                         f"(AUC {auc['ridge_logit']:.3f}) beats the diffusion student "
-                         f"({auc['distilled']:.3f}) on this cohort.")
+                         f"(AUC {auc['ridge_logit']:.3f}) scores above the diffusion student "
+                         f"({auc['distilled']:.3f}): dAUC {vs_ridge['delta_auc']:+.3f} "
+                         f"[{lo:+.3f}, {hi:+.3f}], {sig}.")
     for c in comps:
         if c["model"] == "distilled" and c["reference"] == "cxr_only":
             lo = c["delta_auc_ci"][0]
@@ -393,29 +400,36 @@ def _ci(ci: Sequence[float]) -> str:
 
 
 def print_results(results: Mapping[str, Any]) -> None:
-    t = Table(title=f"Test-split results (n={results['n']}, {results['n_pos']} PE-positive; "
-                    "thresholds from validation)")
-    for col in ("Model", "AUC", "95% CI", "Accuracy", "Sensitivity", "Specificity", "AUPRC",
-                "dAUC vs CXR-only [95% CI]"):
-        t.add_column(col, justify="left" if col == "Model" else "right")
+    """The paper-style table (fits 80 columns) and the retrieval diagnostics."""
+    t = Table(title=f"{results['split']} split: {results['n']} patients, {results['n_pos']} with PE; "
+                    "thresholds chosen on validation", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True, padding=(0, 1))
+    for col in ("model", "AUC [95% CI]", "acc", "sens", "spec", "ΔAUC vs cxr_only"):
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for m in results["models"]:
         delta = ""
         if "delta_auc_vs_cxr_only" in m:
-            delta = f"{m['delta_auc_vs_cxr_only']:+.3f} {_ci(m['delta_auc_ci'])}"
-        t.add_row(m["model"], f"{m['auc']:.3f}", _ci(m["auc_ci"]), f"{m['accuracy']:.3f}",
-                  f"{m['sensitivity']:.3f}", f"{m['specificity']:.3f}", f"{m['auprc']:.3f}", delta)
+            lo, hi = m["delta_auc_ci"]
+            delta = f"{m['delta_auc_vs_cxr_only']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        t.add_row(m["key"], f"{m['auc']:.3f} {_ci(m['auc_ci'])}", f"{m['accuracy']:.2f}",
+                  f"{m['sensitivity']:.2f}", f"{m['specificity']:.2f}", delta)
+    t.caption = ("ctpa_only: CTPA teacher | cxr_only: radiograph classifier | distilled: CXR -> "
+                 "diffusion prior -> teacher | ridge_*: deterministic ablations")
+    t.caption_justify = "left"
     console.print(t)
     if results.get("retrieval"):
-        r = Table(title="Retrieval: does the generated CTPA embedding find its own patient's real one?")
-        for col in ("Query", "recall@1", "recall@5", "recall@10", "median rank", "of"):
-            r.add_column(col, justify="left" if col == "Query" else "right")
+        r = Table(title="Retrieval: the patient's own CTPA among the split's, queried with the "
+                        "generated embedding", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True, padding=(0, 1))
+        for col in ("query", "R@1", "R@5", "R@10", "median rank", "of"):
+            r.add_column(col, justify="left" if col == "query" else "right", no_wrap=True)
         for row in results["retrieval"]:
-            r.add_row(row["query"], f"{row['recall@1']:.3f}", f"{row['recall@5']:.3f}",
+            r.add_row(row["key"], f"{row['recall@1']:.3f}", f"{row['recall@5']:.3f}",
                       f"{row['recall@10']:.3f}", f"{row['median_rank']:.0f}", str(row["n_db"]))
         console.print(r)
     for n in results.get("notes", [])[2:]:
         console.print(f"- {n}", markup=False)
-    console.print(f"Report: {results['report']}")
+    console.print(f"Report: {results['report']}", markup=False)
 
 
 def results_summary(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from embedstore.errors import ConfigError, DicomError, EmbedstoreError
 from embedstore.manifest import Manifest, load_manifest
 from embedstore.models.encoders import FrozenEncoder, create_encoder
 from embedstore.preprocess import PreprocessSpec, load_study
-from embedstore.store import SCHEMA_VERSION, Store, open_store
+from embedstore.store import Store, make_cache_key, open_store
 
 __all__ = [
     "ExtractConfig",
@@ -81,11 +80,9 @@ def _in_shard(study_id: str, shard: tuple[int, int] | None) -> bool:
 
 
 def cache_key(content_hash: str, preprocess_fp: str, encoder_fp: str) -> str:
-    h = hashlib.sha256()
-    for part in (f"schema={SCHEMA_VERSION}", content_hash, preprocess_fp, encoder_fp):
-        h.update(part.encode())
-        h.update(b"\x1f")
-    return h.hexdigest()
+    """The per-row cache key (see ``store.make_cache_key``)."""
+    return make_cache_key(content_hash=content_hash, preprocess=preprocess_fp,
+                          encoder_fingerprint=encoder_fp)
 
 
 def encoder_store_key(encoder: FrozenEncoder, preprocess: PreprocessSpec) -> str:

@@ -137,6 +137,7 @@ class PriorTrainConfig(_TrainConfig):
     beta_schedule: str = "squaredcos_cap_v2"
     cond_drop_prob: float = 0.1
     ema_decay: float = 0.995
+    mean_model: str = "ridge"
     lam: float = 0.1
     mu: float = 0.0
     epochs: int = 100
@@ -457,6 +458,23 @@ def predict_student(
     return torch.cat(means), torch.cat(stds), torch.cat(embs)
 
 
+@torch.no_grad()
+def _select_mean_alpha(prior: DiffusionPrior, teacher: nn.Module, c_all: torch.Tensor,
+                       x_all: torch.Tensor, cxr_val: torch.Tensor, y_val: torch.Tensor) -> None:
+    """Pick the ridge-mean penalty by the validation AUC of teacher(mean) (validation only)."""
+    from embedstore.models.prior import RIDGE_ALPHAS
+
+    c_val = prior.standardize_cond(cxr_val)  # (Nv, Dx)
+    best: tuple[float, float] | None = None
+    for alpha in RIDGE_ALPHAS:
+        prior.fit_mean(c_all, x_all, alpha)
+        auc = auc_score(teacher(prior.unstandardize_target(prior.prior_mean(c_val))).float(), y_val)
+        if best is None or auc > best[0] + 1e-9:
+            best = (auc, alpha)
+    assert best is not None
+    prior.fit_mean(c_all, x_all, best[1])
+
+
 def fit_prior(
     cxr_tr: torch.Tensor,
     ctpa_tr: torch.Tensor,
@@ -505,6 +523,8 @@ def fit_prior(
         with torch.no_grad():
             c_all = prior.standardize_cond(cxr_tr)  # (N, Dx) standardised once, sliced per batch
             x_all = prior.standardize_target(ctpa_tr)  # (N, Dc)
+            if prior.config.mean_model == "ridge":
+                _select_mean_alpha(prior, frozen, c_all, x_all, cxr_val, y_val)
         noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
 
         def teacher_on_z(z: torch.Tensor) -> torch.Tensor:

@@ -88,12 +88,12 @@ class PhantomSpec:
     max_clots: int = 3
     p_occlusive: float = 0.7  # per clot
     clot_level_weights: tuple[float, float, float] = (0.2, 0.35, 0.45)  # main/lobar/segmental
-    p_westermark: float = 0.7  # given an occlusive clot
-    westermark_hu: float = 100.0  # lung density drop in the oligemic territory (both phases)
-    p_elevated_diaphragm: float = 0.4  # given an occlusive clot: on its side (volume loss)
+    p_westermark: float = 0.85  # given an occlusive clot
+    westermark_hu: float = 180.0  # lung density drop in the oligemic territory (both phases)
+    p_elevated_diaphragm: float = 0.6  # given an occlusive clot: on its side (volume loss)
     elevated_diaphragm_mm: float = 25.0
-    p_hampton: float = 0.35  # per positive
-    p_enlarged_pa: float = 0.45  # per positive
+    p_hampton: float = 0.5  # per positive
+    p_enlarged_pa: float = 0.6  # per positive
     p_enlarged_pa_negative: float = 0.05  # pulmonary hypertension without PE
     enlarged_pa_factor: float = 1.45
     # label-independent confounders

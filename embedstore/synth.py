@@ -334,7 +334,7 @@ def render_preview(
         for pool in (pos, neg):
             if pool and len(chosen) < n_cases:
                 chosen.append(pool.pop(0))
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(10.5, 3.7 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(10.5, 3.9 * len(chosen)), squeeze=False)
     for row, info in zip(axes, chosen, strict=True):
         hu, _ = read_ct_series_hu(out / "dicom" / info["patient_id"] / "ctpa")
         clots = info["truth"]["clots"]
@@ -342,7 +342,7 @@ def render_preview(
         z_lung = info["truth"]["focus_slice"]
         drr = read_radiograph(out / "dicom" / info["patient_id"] / "cxr.dcm")
         row[0].imshow(window(hu[z_med], 400, 40), cmap="gray", vmin=0, vmax=1)
-        row[0].set_title(f"CTPA slice {z_med}, W400/L40", fontsize=9)
+        row[0].set_title(f"CTPA slice {z_med}, W400/L40", fontsize=9, loc="left")
         row[1].imshow(window(hu[z_lung], 1500, -600), cmap="gray", vmin=0, vmax=1)
         row[1].set_title(f"CTPA slice {z_lung}, W1500/L-600", fontsize=9)
         lo, hi = np.percentile(drr, [1, 99])
@@ -351,10 +351,13 @@ def render_preview(
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(_describe(info), fontsize=9, rotation=0, ha="right", va="center",
-                          labelpad=10)
-    fig.suptitle("embedstore synthetic phantom cohort (image left = patient right)", fontsize=11)
-    fig.tight_layout()
+        row[0].text(0.0, 1.09, _describe(info).replace("\n", ": "), transform=row[0].transAxes,
+                    fontsize=10, fontweight="bold", ha="left", va="bottom")
+    fig.suptitle("embedstore synthetic phantom cohort (image left = patient right)", fontsize=11,
+                 y=1 - 0.15 / fig.get_figheight())
+    # fixed margins: tight_layout would shrink the images to fit the case captions
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.85 / fig.get_figheight(), bottom=0.01,
+                        hspace=0.32, wspace=0.04)
     png = Path(png_path)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=80)

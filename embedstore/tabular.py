@@ -148,36 +148,48 @@ def show_info(store_path: str | os.PathLike[str], *, as_json: bool = False) -> d
 
 
 def show_verify(store_path: str | os.PathLike[str], *, as_json: bool = False) -> bool:
-    """Print the verify report; return True when the store is clean."""
+    """Print the verify report; return True when the store has no errors."""
     rep = open_store(store_path).verify()
-    d = _jsonable(rep)
-    problems = d.get("problems", [])
+    d = rep.to_dict()
     if as_json:
         _emit_json(d)
-    elif problems:
-        console.print(f"[red]{len(problems)} problem(s) found[/red] (nothing was modified):")
-        for p in problems:
-            console.print(f"  - {p if isinstance(p, str) else json.dumps(p, default=str)}",
+    elif d["problems"]:
+        console.print(f"{len(d['problems'])} problem(s) in {d['rows_checked']} committed rows of "
+                      f"{d['sets_checked']} set(s) (nothing was modified):")
+        for p in d["problems"]:
+            console.print("  - " + ", ".join(f"{k}={v}" for k, v in p.items() if v not in (None, "")),
                           markup=False)
     else:
-        console.print(f"OK: {d.get('rows_checked', '?')} committed rows verified, no problems.")
-    return not problems
+        console.print(f"OK: {d['rows_checked']} committed rows in {d['sets_checked']} set(s) "
+                      "verified, no problems.")
+    return rep.ok
 
 
 def show_gc(store_path: str | os.PathLike[str], *, apply: bool) -> dict[str, Any]:
-    rep = _jsonable(open_store(store_path).gc(dry_run=not apply))
-    items = rep.get("items") or rep.get("removed") or rep.get("candidates") or []
+    """Print what gc would remove (dry run) or removed."""
+    rep = open_store(store_path).gc(dry_run=not apply)
+    d = rep.to_dict()
+    if rep.nothing_to_do:
+        console.print("Nothing to collect: no superseded rows, unreferenced sets or orphan files.")
+        return d
     verb = "Removed" if apply else "Would remove"
-    if not items:
-        console.print("Nothing to collect.")
+    items: list[str] = []
+    for key, label in (("superseded_rows", "superseded rows"),
+                       ("unreferenced_rows", "rows of studies no longer in the manifest")):
+        for set_name, n in d[key].items():
+            if n:
+                items.append(f"{n} {label} in {set_name}")
+    for key, label in (("unreferenced_sets", "unreferenced set"), ("orphan_temp_files", "orphan temp file"),
+                       ("empty_segments", "empty segment of a crashed writer")):
+        items += [f"{label}: {x}" for x in d[key]]
+    console.print(f"{verb}:")
+    for it in items:
+        console.print(f"  - {it}", markup=False)
+    if apply:
+        console.print(f"Freed {_size(float(d.get('bytes_freed', 0)))}.")
     else:
-        console.print(f"{verb} {len(items)} item(s):")
-        for it in items:
-            console.print(f"  - {it if isinstance(it, str) else json.dumps(it, default=str)}",
-                          markup=False)
-        if not apply:
-            console.print("Dry run: nothing was changed. Re-run with --yes to remove them.")
-    return rep
+        console.print("Dry run: nothing was changed. Re-run with --yes to remove them.")
+    return d
 
 
 def show_encoders(*, as_json: bool = False) -> list[dict[str, Any]]:

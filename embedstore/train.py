@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 
 from embedstore.errors import ConfigError, IncompatibleRunError

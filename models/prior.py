@@ -57,6 +57,9 @@ class PriorConfig(_JsonConfig):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     cond_drop_prob: float = 0.1
     ema_decay: float = 0.995
+    # "ridge": diffuse the residual around a closed-form ridge mean E[x0|c] = c W + b (alpha by
+    # generalised cross-validation on the training split); "none": diffuse x0 itself.
+    mean_model: Literal["none", "ridge"] = "ridge"
 
     def __post_init__(self) -> None:
         for name in ("cond_dim", "target_dim", "hidden", "depth", "heads", "time_embed_dim"):
@@ -75,6 +78,8 @@ class PriorConfig(_JsonConfig):
         _check(0.0 <= self.dropout < 1.0, f"PriorConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         _check(0.0 <= self.cond_drop_prob < 1.0, f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob!r}.")
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay!r}.")
+        _check(self.mean_model in ("none", "ridge"),
+               f"Unknown mean_model {self.mean_model!r}. Available: ['none', 'ridge'].")
         _check(
             self.time_embed_dim % 2 == 0, f"time_embed_dim must be even, got {self.time_embed_dim!r}."
         )
@@ -83,6 +88,10 @@ class PriorConfig(_JsonConfig):
                 self.hidden % self.heads == 0,
                 f"Transformer hidden ({self.hidden}) must be divisible by heads ({self.heads}).",
             )
+
+
+#: Ridge penalties tried for the prior's mean (standardised units).
+RIDGE_ALPHAS: tuple[float, ...] = tuple(float(10 ** (k / 4)) for k in range(-8, 21))
 
 
 def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -230,6 +239,10 @@ class DiffusionPrior(nn.Module):
         self.register_buffer("cond_std", torch.ones(cfg.cond_dim))  # (Dx,)
         self.register_buffer("target_mean", torch.zeros(cfg.target_dim))  # (Dc,)
         self.register_buffer("target_std", torch.ones(cfg.target_dim))  # (Dc,)
+        # ridge mean in standardised units (zeros when mean_model == "none")
+        self.register_buffer("mean_weight", torch.zeros(cfg.cond_dim, cfg.target_dim))  # (Dx, Dc)
+        self.register_buffer("mean_bias", torch.zeros(cfg.target_dim))  # (Dc,)
+        self.register_buffer("mean_alpha", torch.zeros(()))  # the GCV-chosen ridge penalty
         self._train_scheduler = self.make_scheduler("ddpm")
         ab = self._train_scheduler.alphas_cumprod.clone().float()  # (T,)
         # derived from the config, so not saved: a checkpoint is weights + config.json
@@ -250,6 +263,47 @@ class DiffusionPrior(nn.Module):
             x = x.to(self.cond_mean.device, torch.float32)
             getattr(self, f"{name}_mean").copy_(x.mean(0))
             getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(_STD_FLOOR))
+        if self.config.mean_model == "ridge":
+            self._fit_ridge_mean(self.standardize_cond(cond_train.to(self.cond_mean)),
+                                 self.standardize_target(target_train.to(self.cond_mean)))
+
+    @torch.no_grad()
+    def _fit_ridge_mean(self, c: torch.Tensor, y: torch.Tensor) -> None:
+        """Closed-form ridge c (N, Dx) -> y (N, Dc), penalty chosen by generalised CV.
+
+        The linear part of E[x0 | c] is what a few hundred pairs can estimate reliably; the
+        denoiser then models the residual distribution (and the sample spread is the
+        uncertainty) instead of re-learning a regression by SGD. ``fit_mean`` refits it with
+        another penalty (the trainer picks one on validation).
+        """
+        c64, y64 = c.double(), y.double()
+        n = c64.shape[0]
+        u, sv, _ = torch.linalg.svd(c64, full_matrices=False)  # (N, r), (r,)
+        uty = u.T @ y64  # (r, Dc)
+        best: tuple[float, float] | None = None
+        for alpha in RIDGE_ALPHAS:
+            shrink = sv**2 / (sv**2 + alpha)  # (r,)
+            resid = y64 - u @ (shrink[:, None] * uty)  # (N, Dc)
+            df = float(shrink.sum())
+            gcv = float((resid**2).sum()) / (n * max(1.0 - df / n, 1e-6) ** 2)
+            if best is None or gcv < best[0]:
+                best = (gcv, float(alpha))
+        assert best is not None
+        self.fit_mean(c, y, best[1])
+
+    @torch.no_grad()
+    def fit_mean(self, cond_std: torch.Tensor, target_std: torch.Tensor, alpha: float) -> None:
+        """Set the ridge mean from standardised (N, Dx) conditions and (N, Dc) targets."""
+        c64, y64 = cond_std.double(), target_std.double()
+        eye = torch.eye(c64.shape[1], dtype=torch.float64, device=c64.device)
+        w = torch.linalg.solve(c64.T @ c64 + alpha * eye, c64.T @ y64)  # (Dx, Dc)
+        self.mean_weight.copy_(w.float())
+        self.mean_bias.copy_((y64 - c64 @ w).mean(0).float())
+        self.mean_alpha.fill_(alpha)
+
+    def prior_mean(self, cond_std: torch.Tensor) -> torch.Tensor:
+        """The ridge mean (B, Dc) of standardised targets for standardised conditions (B, Dx)."""
+        return cond_std @ self.mean_weight.to(cond_std.dtype) + self.mean_bias.to(cond_std.dtype)
 
     def _check_dim(self, x: torch.Tensor, d: int, what: str) -> None:
         if x.ndim != 2 or x.shape[1] != d:
@@ -325,12 +379,13 @@ class DiffusionPrior(nn.Module):
         b, dev = x0.shape[0], x0.device
         noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)  # (B, Dc)
         t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=dev)
-        x_t = self._train_scheduler.add_noise(x0, noise, t)  # (B, Dc)
+        mean = self.prior_mean(cond)  # (B, Dc) zero unless mean_model == "ridge"
+        r_t = self._train_scheduler.add_noise(x0 - mean, noise, t)  # (B, Dc) noised residual
         drop = None
         if self.training and self.config.cond_drop_prob > 0:
             drop = torch.rand(b, generator=generator, device=dev) < self.config.cond_drop_prob  # (B,)
-        out = self.denoiser(x_t, t, cond, drop)  # (B, Dc)
-        return self.to_x0(out, x_t, t), t
+        out = self.denoiser(r_t, t, cond, drop)  # (B, Dc)
+        return self.to_x0(out, r_t, t) + mean, t
 
     @torch.no_grad()
     def sample(
@@ -371,4 +426,5 @@ class DiffusionPrior(nn.Module):
             # DDIMScheduler.step wants a Python int timestep, not a 0-d tensor
             x = sched.step(out, int(t), x, generator=generator).prev_sample  # (B*K, Dc)
         net.train(was_training)
+        x = x + self.prior_mean(c)  # (B*K, Dc) the loop ran on residuals around the ridge mean
         return self.unstandardize_target(x).view(b, k, dc)  # (B, K, Dc)

@@ -15,7 +15,6 @@ from embedstore.manifest import (
     import_rspect,
     label_subset,
     load_manifest,
-    validate_manifest,
     write_manifest,
 )
 
@@ -140,7 +139,7 @@ def test_import_paired_csv_pseudonymises_accessions(tmp_path: Path) -> None:
     for r in m.table.to_pylist():
         by_pair.setdefault(r["pair_id"], set()).add(r["modality"])
     assert all(v == {"CXR", "CTPA"} for v in by_pair.values())
-    res2 = import_paired_csv(src, ct_dir=ct, cxr_dir=cxr, out_dir=tmp_path / "c2", key=b"other")
+    res2 = import_paired_csv(src, ct_dir=ct, cxr_dir=cxr, out_dir=tmp_path / "c2", key=b"another-test-key-0123")
     assert set(load_manifest(res2.manifest_path).table["study_id"].to_pylist()).isdisjoint(
         m.table["study_id"].to_pylist())
 

@@ -350,3 +350,26 @@ def test_models_modules_do_not_import_embedstore_outside_models():
                 continue
             if mod.startswith("embedstore"):
                 assert mod.startswith("embedstore.models"), f"{name} imports {mod}"
+
+
+# ------------------------------------------------------------------------------ ridge mean
+def test_ridge_mean_is_fitted_and_the_sampler_runs_around_it():
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(DX, DC, generator=g)
+    c_tr = torch.randn(400, DX, generator=g) * 3 + 1
+    y_tr = c_tr @ w_true + 0.05 * torch.randn(400, DC, generator=g) + 5
+    c_new = torch.randn(6, DX, generator=g) * 3 + 1
+    ridge = _prior(prediction="sample", mean_model="ridge")
+    ridge.set_standardizers(c_tr, y_tr)
+    assert 0 < float(ridge.mean_alpha) < 1e5
+    # an untrained x0-predicting denoiser outputs 0: every sample is exactly the ridge mean
+    out = ridge.sample(c_new, num_samples=2, steps=5, generator=torch.Generator().manual_seed(1))
+    expected = c_new @ w_true + 5  # (6, DC)
+    torch.testing.assert_close(out[:, 0], out[:, 1])
+    assert torch.corrcoef(torch.stack([out[:, 0].flatten(), expected.flatten()]))[0, 1] > 0.99
+    plain = _prior(prediction="sample", mean_model="none")
+    plain.set_standardizers(c_tr, y_tr)
+    flat = plain.sample(c_new, num_samples=1, steps=5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(flat[:, 0], plain.target_mean.expand(6, DC))  # no mean model
+    with pytest.raises(ModelError, match="mean_model"):
+        PriorConfig(cond_dim=DX, target_dim=DC, mean_model="lasso")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from embedstore.cli.app import app
 from typer.testing import CliRunner
 
-from embedstore.cli.app import app
 from embedstore.extract import ExtractConfig, extract
 from embedstore.fit import ClassifierTrainConfig, PriorTrainConfig
 from embedstore.phantom import PhantomSpec
@@ -89,9 +89,8 @@ def test_changed_pixels_recompute_exactly_that_study(cohort: Path, tmp_path: Pat
 def test_weights_change_makes_a_new_set_and_both_stay_queryable(store_dir: Path, cohort: Path,
                                                                 tmp_path: Path) -> None:
     import torch
-    from safetensors.torch import save_file
-
     from embedstore.models.encoders import create_encoder
+    from safetensors.torch import save_file
 
     enc = create_encoder(CXR_ENC)
     sd = {k: v.clone() for k, v in enc.state_dict().items()}
@@ -142,7 +141,7 @@ def test_two_shards_equal_one_process(store_dir: Path, cohort: Path, tmp_path: P
     procs = [subprocess.Popen([*cmd, "--shard", f"{k}/2"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k in (1, 2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (o, e) in zip(procs, outs, strict=True):
+    for p, (_, e) in zip(procs, outs, strict=True):
         assert p.returncode == 0, e
     done = [json.loads(o)["done"] for o, _ in outs]
     assert sum(done) == 40 and min(done) > 0
@@ -296,3 +295,30 @@ def test_neighbors_lists_other_studies_with_metadata(store_dir: Path) -> None:
     assert len(rows) == 3 and all(x["study_id"] != "SYN-0001-CTPA" for x in rows)
     assert {"label_pe", "split", "cosine"} <= set(rows[0])
     assert rows[0]["cosine"] >= rows[-1]["cosine"]
+
+
+def test_cli_train_with_toml_config_and_sweep(store_dir: Path, trained: dict[str, str],
+                                              tmp_path: Path) -> None:
+    cfg = tmp_path / "train.toml"
+    cfg.write_text('seed = 2\n[prior]\nepochs = 3\neval_every = 3\nhidden = 32\ndepth = 1\n'
+                   'val_samples = 2\nval_steps = 2\n')
+    r = runner.invoke(app, ["train", "prior", str(store_dir), "--teacher", trained["teacher"],
+                            "--config", str(cfg), "--sweep", "lambda=0,0.5", "--name", "sw"])
+    assert r.exit_code == 0, r.output
+    runs = {p.name: json.loads((p / "config.json").read_text())
+            for p in (store_dir / "runs").glob("sw-*")}
+    assert sorted(runs) == ["sw-lambda0", "sw-lambda0.5"]
+    assert [runs[k]["trainer"]["lam"] for k in sorted(runs)] == [0, 0.5]
+    assert all(c["trainer"]["hidden"] == 32 and c["seed"] == 2 for c in runs.values())
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[prior]\nlearning_rate = 1\n")
+    r = runner.invoke(app, ["train", "prior", str(store_dir), "--config", str(bad)])
+    assert r.exit_code == 1 and "Error: Unknown option 'learning_rate' for `train prior`" in r.output
+
+
+def test_cli_index_build_then_reuse(store_dir: Path) -> None:
+    key = _key(store_dir, "CTPA")
+    r1 = runner.invoke(app, ["index", "build", str(store_dir), "--encoder", key])
+    r2 = runner.invoke(app, ["index", "build", str(store_dir), "--encoder", key])
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
+    assert r2.output.startswith("Verified flat index of 40 vectors")

@@ -493,8 +493,8 @@ def _tiny_vit() -> dict[str, Any]:
     return {"family": "open_clip", "params": {"arch": "es-vit-tiny-32"}}
 
 
-_builtin("demo-cxr", "open_clip", {"arch": "es-vit-cxr-128"},
-         "random-init ViT (2 layers, width 128, 128 px, patch 16, avg pool) for radiographs; "
+_builtin("demo-cxr", "open_clip", {"arch": "es-vit-cxr-w256"},
+         "random-init ViT (2 layers, width 256, 128 px, patch 16, avg pool, 512-d) for radiographs; "
          "not pretrained")
 _builtin("demo-ctpa", "volume25d",
          {"inner": {"family": "open_clip", "params": {"arch": "es-vit-ct-128"}},
