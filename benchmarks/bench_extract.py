@@ -59,7 +59,7 @@ def _median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def run(quick: bool = False) -> str:
-    n_patients = 12 if quick else 48
+    n_patients = 12 if quick else 160
     repeats = 1 if quick else 3
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:

@@ -149,7 +149,7 @@ def extract(
     encoder: Annotated[str | None, typer.Option(help="Encoder name (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file for the encoder.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoder batch size.")] = 16,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (0 = inline; default cores-1).")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (0 = inline; default: one per core).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     where: Annotated[str | None, typer.Option(help="SQL predicate over `studies` choosing the cohort.")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: this job's deterministic share (or torchrun's RANK/WORLD_SIZE).")] = None,

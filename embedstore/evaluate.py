@@ -306,7 +306,9 @@ def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> dict[str, A
         out / "report.html", title=f"embedstore evaluation — {cfg.split} split",
         table_rows=table, columns=cols, figures=figures,
         configs={sc.label: dict(sc.run.config) for sc in scored},
-        notes=results["notes"], retrieval=retrieval, comparisons=comparisons)
+        notes=results["notes"], comparisons=comparisons,
+        retrieval=[{k: r[k] for k in ("query", "recall@1", "recall@5", "recall@10", "median_rank",
+                                      "n")} for r in retrieval])
     results["report"] = str(report)
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_jdefault))
     return results

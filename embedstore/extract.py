@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedstore.errors import ConfigError, DicomError, EmbedstoreError
+from embedstore import _decode
+from embedstore.errors import ConfigError
 from embedstore.manifest import Manifest, load_manifest
 from embedstore.models.encoders import FrozenEncoder, create_encoder
-from embedstore.preprocess import PreprocessSpec, load_study
+from embedstore.preprocess import PreprocessSpec
 from embedstore.store import Store, make_cache_key, open_store
 
 __all__ = [
@@ -99,7 +100,7 @@ class ExtractConfig:
     encoder: str | None = None  # registry name; None -> the demo encoder of the modality
     weights: str | None = None  # local weights file for the encoder
     batch_size: int = 16
-    workers: int | None = None  # decode processes; None -> max(1, cores - 1)
+    workers: int | None = None  # decode processes; None -> one per core (decoding is the slow stage)
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     where: str | None = None  # SQL predicate over the studies view
@@ -138,48 +139,11 @@ class ExtractSummary:
         return d
 
 
-# ---------------------------------------------------------------------------------------------
-# Worker side (runs in the decode processes)
-# ---------------------------------------------------------------------------------------------
-
-_W: dict[str, Any] = {}
-
-
-def _worker_init(spec: dict[str, Any], encoder_fp: str, committed: frozenset[str]) -> None:
-    torch.set_num_threads(1)  # the decode workers must not fight the encoder for cores
-    _W["spec"] = PreprocessSpec.from_dict(spec)
-    _W["encoder_fp"] = encoder_fp
-    _W["committed"] = committed
-
-
-def _prepare(study_id: str, path: str, modality: str) -> dict[str, Any]:
-    """Decode + preprocess one study, or report it as cached (by cache key) or failed."""
-    spec: PreprocessSpec = _W["spec"]
-    try:
-        # One read gives pixels and content hash. (A study whose source signature is already
-        # committed never gets here; this path is for new or moved studies.)
-        loaded = load_study(path, modality, spec)
-        key = cache_key(loaded.content_hash, spec.fingerprint(), _W["encoder_fp"])
-        if key in _W["committed"]:
-            return {"study_id": study_id, "status": "cached", "cache_key": key}
-        return {"study_id": study_id, "status": "ok", "cache_key": key,
-                "content_hash": loaded.content_hash, "array": loaded.array}
-    except DicomError as e:
-        return {"study_id": study_id, "status": "failed", "reason": e.reason, "message": str(e)}
-    except EmbedstoreError as e:
-        return {"study_id": study_id, "status": "failed", "reason": e.reason, "message": str(e)}
-    except (OSError, ValueError, MemoryError) as e:
-        # Anything else the reader did not classify: keep going, but say which stage and type.
-        return {"study_id": study_id, "status": "failed", "reason": "read_error",
-                "message": f"{type(e).__name__} while reading the study"}
-
-
 class _InlineExecutor:
     """workers=0: decode in the main process (debugging, tiny cohorts)."""
 
     def __init__(self, initargs: tuple[Any, ...]):
-        _worker_init(*initargs)
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        _decode.init_worker(*initargs, threads=max(1, os.cpu_count() or 1))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         f: Future[Any] = Future()
@@ -197,14 +161,14 @@ def _bounded_map(
     pending: deque[Future[Any]] = deque()
     it = iter(tasks)
     for t in it:
-        pending.append(executor.submit(_prepare, *t))
+        pending.append(executor.submit(_decode.prepare, *t))
         if len(pending) >= max_in_flight:
             break
     while pending:
         res = pending.popleft().result()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append(executor.submit(_prepare, *nxt))
+            pending.append(executor.submit(_decode.prepare, *nxt))
         yield res
 
 
@@ -329,18 +293,21 @@ def _run_pipeline(
     on_progress: Callable[[ExtractSummary, int], None] | None,
     total: int,
 ) -> None:
-    n_workers = cfg.workers if cfg.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    n_workers = cfg.workers if cfg.workers is not None else max(1, os.cpu_count() or 1)
     pp = _preprocess_for(encoder, cfg.modality)
-    initargs = (pp.to_dict(), encoder.fingerprint(), frozenset(w.committed_keys()))
+    initargs = (pp.to_dict(),)
     if n_workers == 0:
         executor: Any = _InlineExecutor(initargs)
     else:
         executor = ProcessPoolExecutor(
             max_workers=min(n_workers, len(todo)),
             mp_context=mp.get_context("spawn"),  # torch is imported: never fork it
-            initializer=_worker_init,
+            initializer=_decode.init_worker,
             initargs=initargs,
         )
+        executor.submit(_decode.warm_up)  # start the processes now (imports take seconds)
+    committed = w.committed_keys()
+    pp_fp, enc_fp = pp.fingerprint(), encoder.fingerprint()
     in_flight = cfg.max_in_flight or max(2 * n_workers, cfg.batch_size + n_workers)
     batch: list[dict[str, Any]] = []
     autocast = device.type == "cuda" and cfg.amp
@@ -362,6 +329,10 @@ def _run_pipeline(
     try:
         for res in _bounded_map(executor, todo, in_flight):
             status = res["status"]
+            if status == "ok":
+                res["cache_key"] = cache_key(res["content_hash"], pp_fp, enc_fp)
+                if res["cache_key"] in committed:  # moved or renamed, same content: reuse
+                    status = "cached"
             if status == "ok":
                 batch.append(res)
                 if len(batch) >= cfg.batch_size:
