@@ -244,38 +244,30 @@ def _train(kind: str, store: Path, options: dict[str, Any], config: Path | None,
                  config_file=config, sweep=sweep or [])
 
 
-@train_app.command("teacher")
-@_user_errors
-def train_teacher(
-    store: StoreArg,
-    encoder: Annotated[str | None, typer.Option(help="CTPA encoder key in the store (default: the only one).")] = None,
-    head: Annotated[str | None, typer.Option(help="linear or mlp.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    label_fraction: FracOpt = None, where: WhereOpt = None, seed: SeedOpt = None,
-    name: NameOpt = None, device: DeviceOpt = None, config: ConfigOpt = None,
-) -> None:
-    """CTPA teacher classifier on cached CTPA embeddings."""
-    _train("teacher", store, dict(encoder=encoder, head=head, epochs=epochs, lr=lr,
-                                  label_fraction=label_fraction, where=where, seed=seed, name=name,
-                                  device=device), config)
+def _classifier_command(kind: str, doc: str) -> None:
+    """Register `train teacher` / `train cxr`: the same options over another modality."""
+
+    @_user_errors
+    def command(
+        store: StoreArg,
+        encoder: Annotated[str | None, typer.Option(help="Encoder key in the store (default: the only one of this modality).")] = None,
+        head: Annotated[str | None, typer.Option(help="linear or mlp.")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+        lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+        label_fraction: FracOpt = None, where: WhereOpt = None, seed: SeedOpt = None,
+        name: NameOpt = None, device: DeviceOpt = None, config: ConfigOpt = None,
+    ) -> None:
+        _train(kind, store, dict(encoder=encoder, head=head, epochs=epochs, lr=lr,
+                                 label_fraction=label_fraction, where=where, seed=seed, name=name,
+                                 device=device), config)
+
+    command.__doc__ = doc
+    command.__name__ = f"train_{kind}"
+    train_app.command(kind)(command)
 
 
-@train_app.command("cxr")
-@_user_errors
-def train_cxr(
-    store: StoreArg,
-    encoder: Annotated[str | None, typer.Option(help="CXR encoder key in the store (default: the only one).")] = None,
-    head: Annotated[str | None, typer.Option(help="linear or mlp.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    label_fraction: FracOpt = None, where: WhereOpt = None, seed: SeedOpt = None,
-    name: NameOpt = None, device: DeviceOpt = None, config: ConfigOpt = None,
-) -> None:
-    """Radiograph-only baseline classifier on cached CXR embeddings."""
-    _train("cxr", store, dict(encoder=encoder, head=head, epochs=epochs, lr=lr,
-                              label_fraction=label_fraction, where=where, seed=seed, name=name,
-                              device=device), config)
+_classifier_command("teacher", "CTPA teacher classifier on cached CTPA embeddings.")
+_classifier_command("cxr", "Radiograph-only baseline classifier on cached CXR embeddings.")
 
 
 @train_app.command("prior")

@@ -241,6 +241,18 @@ def _epoch_bar(desc: str, total: int, enabled: bool) -> Any:
     return progress_bar(desc, total, enabled=enabled)
 
 
+def _epoch_logger(rw: RunWriter, bar: Any) -> Callable[[dict[str, Any]], None]:
+    """Per-epoch callback: append to train_log.jsonl and advance the bar with loss / val AUC."""
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        rw.log(row)
+        auc = row.get("val_auc")
+        bar.update(row["epoch"] + 1, info=f"loss {row.get('train_loss', float('nan')):.3f}"
+                   + (f" val AUC {auc:.3f}" if auc is not None else ""))
+
+    return on_epoch
+
+
 # ---------------------------------------------------------------------------------------------
 # Training entry points
 # ---------------------------------------------------------------------------------------------
@@ -273,12 +285,7 @@ def train_classifier(
     _need_both_classes(va.labels[m_va], f"labelled validation {modality} studies")
     with RunWriter(store.runs_dir, kind, name) as rw:
         with _epoch_bar(f"train {kind}", trainer.epochs, progress) as bar:
-            def on_epoch(row: dict[str, Any]) -> None:
-                rw.log(row)
-                auc = row.get("val_auc")
-                bar.update(row["epoch"] + 1, info=f"loss {row.get('train_loss', float('nan')):.3f}"
-                           + (f" val AUC {auc:.3f}" if auc is not None else ""))
-
+            on_epoch = _epoch_logger(rw, bar)
             res = fit_classifier(torch.from_numpy(tr.vectors[m_tr]),
                                  torch.from_numpy(tr.labels[m_tr]).float(),
                                  torch.from_numpy(va.vectors[m_va]),
@@ -347,12 +354,7 @@ def train_prior(
         labels = torch.from_numpy(np.nan_to_num(y_tr)).float()
     with RunWriter(store.runs_dir, "prior", name) as rw:
         with _epoch_bar("train prior", trainer.epochs, progress) as bar:
-            def on_epoch(row: dict[str, Any]) -> None:
-                rw.log(row)
-                auc = row.get("val_auc")
-                bar.update(row["epoch"] + 1, info=f"loss {row.get('train_loss', float('nan')):.3f}"
-                           + (f" val AUC {auc:.3f}" if auc is not None else ""))
-
+            on_epoch = _epoch_logger(rw, bar)
             res = fit_prior(torch.from_numpy(cx_tr), torch.from_numpy(ct_tr), head,
                             torch.from_numpy(cx_va[m_va]), torch.from_numpy(y_va[m_va]).float(),
                             trainer, labels_tr=labels, label_mask_tr=mask, on_epoch=on_epoch)
