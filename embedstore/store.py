@@ -1085,15 +1085,29 @@ def open_store(path: str | os.PathLike[str], *, create: bool = False) -> Store:
                 f"Folder {str(root)!r} is not empty and is not an embedstore store; "
                 "choose an empty or new folder."
             )
-        root.mkdir(parents=True, exist_ok=True)
+        # Build the skeleton beside the target and rename it into place: two processes creating
+        # the same store at once (sharded extraction) then agree on one, and neither sees the
+        # other's half-made folder as "not a store".
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{root.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         for sub in ("sets", "failures", "locks", "runs"):
-            (root / sub).mkdir(exist_ok=True)
+            (tmp / sub).mkdir()
         doc = {
             "format": FORMAT_NAME,
             "schema_version": SCHEMA_VERSION,
             "created_at": _iso(_utcnow()),
         }
-        _atomic_write(doc_path, json.dumps(doc, indent=2).encode())
+        _atomic_write(tmp / "store.json", json.dumps(doc, indent=2).encode())
+        try:
+            os.rename(tmp, root)  # replaces a missing or empty folder atomically
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not doc_path.exists():
+                raise StoreFormatError(
+                    f"Folder {str(root)!r} is not empty and is not an embedstore store; "
+                    "choose an empty or new folder."
+                ) from None
     try:
         doc = json.loads(doc_path.read_text())
     except (OSError, ValueError) as e:
