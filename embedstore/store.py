@@ -1080,11 +1080,12 @@ def open_store(path: str | os.PathLike[str], *, create: bool = False) -> Store:
             )
         if root.exists() and not root.is_dir():
             raise StoreFormatError(f"Store path {str(root)!r} exists and is not a folder.")
-        if root.is_dir() and any(root.iterdir()):
+        if root.is_dir() and any(root.iterdir()) and not doc_path.exists():  # (another creator?)
             raise StoreFormatError(
                 f"Folder {str(root)!r} is not empty and is not an embedstore store; "
                 "choose an empty or new folder."
             )
+    if not doc_path.exists():
         # Build the skeleton beside the target and rename it into place: two processes creating
         # the same store at once (sharded extraction) then agree on one, and neither sees the
         # other's half-made folder as "not a store".
