@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from embedstore.cli.app import app
+from typer.testing import CliRunner
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -17,7 +17,8 @@ def test_concurrent_creation_of_one_store(tmp_path: Path) -> None:
         errors: list[BaseException] = []
         barrier = threading.Barrier(6)
 
-        def create() -> None:
+        def create(target: Path = target, barrier: threading.Barrier = barrier,
+                   errors: list[BaseException] = errors) -> None:
             barrier.wait()
             try:
                 open_store(target, create=True)
