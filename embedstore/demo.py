@@ -38,16 +38,15 @@ def _stage(i: int, n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def _reuse_or_train(store_root: Path, name: str, train: Callable[[], T]) -> Run | T:
+def _reuse_or_train(store_root: Path, name: str, train: Callable[[], Run]) -> tuple[Run, bool]:
+    """(run, reused): the run called ``name`` when it exists, else a freshly trained one."""
     try:
         run = load_run(store_root / "runs", name)
         if run.run_id == name:
-            console.print(f"reusing run [bold]{name}[/bold] (val AUC {run.metrics.get('val_auc', float('nan')):.3f}; "
-                          f"delete {run.path} to retrain)")
-            return run
+            return run, True
     except RunNotFoundError:
         pass
-    return train()
+    return train(), False
 
 
 def _fraction_tag(f: float) -> str:
@@ -82,27 +81,35 @@ def run_demo(
                   f"({res['n_positive']} PE-positive); preview: {res.get('preview_path')}")
     timings["synth_s"] = time.perf_counter() - t0
 
-    t0 = _stage(2, steps, "Extract embeddings with the frozen demo encoders (random-init, offline)")
+    t0 = _stage(2, steps, "Extract embeddings (frozen demo encoders, random-init)")
     for modality in ("cxr", "ctpa"):
         run_extract(store_dir, cohort / "manifest.parquet",
                     ExtractConfig(modality=modality, progress=progress))
     timings["extract_s"] = time.perf_counter() - t0
 
-    t0 = _stage(3, steps, f"Train teacher, CXR-only and prior at label fractions {fracs}")
+    t0 = _stage(3, steps, "Train teacher, CXR-only, prior at label fractions "
+                + ", ".join(f"{f:g}" for f in fracs))
     main: dict[str, Run] = {}
+    reused: list[str] = []
     for f in fracs:
         tag = f"{_fraction_tag(f)}-s{seed}"
-        teacher = _reuse_or_train(store_dir, f"teacher-{tag}", functools.partial(
-            train_classifier, store_dir, "teacher", label_fraction=f, seed=seed,
-            name=f"teacher-{tag}", progress=progress))
-        cxr = _reuse_or_train(store_dir, f"cxr-{tag}", functools.partial(
-            train_classifier, store_dir, "cxr", label_fraction=f, seed=seed, name=f"cxr-{tag}",
-            progress=progress))
-        prior = _reuse_or_train(store_dir, f"prior-{tag}", functools.partial(
-            train_prior, store_dir, teacher=f"teacher-{tag}", seed=seed, name=f"prior-{tag}",
-            progress=progress))
+        runs = {}
+        for kind, fn in (
+            ("teacher", functools.partial(train_classifier, store_dir, "teacher", label_fraction=f,
+                                          seed=seed, name=f"teacher-{tag}", progress=progress)),
+            ("cxr", functools.partial(train_classifier, store_dir, "cxr", label_fraction=f,
+                                      seed=seed, name=f"cxr-{tag}", progress=progress)),
+            ("prior", functools.partial(train_prior, store_dir, teacher=f"teacher-{tag}", seed=seed,
+                                        name=f"prior-{tag}", progress=progress)),
+        ):
+            runs[kind], was_reused = _reuse_or_train(store_dir, f"{kind}-{tag}", fn)
+            if was_reused:
+                reused.append(f"{kind}-{tag} ({runs[kind].metrics.get('val_auc', float('nan')):.3f})")
         if f == label_fraction:
-            main = {"teacher": teacher, "cxr": cxr, "prior": prior}  # type: ignore[dict-item]
+            main = runs
+    if reused:
+        console.print(f"reused {len(reused)} runs (validation AUC): {', '.join(reused)}. Delete "
+                      f"{store_dir / 'runs'}/<run> to retrain one.", markup=False)
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = _stage(4, steps, "Deterministic ablations (ridge regressions on the same pairs)")
@@ -112,7 +119,7 @@ def run_demo(
         name = f"baseline-{tag}-{kind}"
         try:
             ridge.append(load_run(store_dir / "runs", name))
-            console.print(f"reusing run [bold]{name}[/bold]")
+            console.print(f"reused run {name}", markup=False)
         except RunNotFoundError:
             ridge = train_baselines(store_dir, teacher=f"teacher-{tag}", seed=seed,
                                     name=f"baseline-{tag}", progress=progress)

@@ -31,7 +31,9 @@ class _RateColumn(ProgressColumn):
         # Average over the whole task: bursty updates (batches) make rich's windowed speed jumpy.
         elapsed = task.elapsed or 0.0
         speed = task.completed / elapsed if elapsed > 0 and task.completed else None
-        return Text(f"{speed:.1f}/s" if speed else "-/s", style="cyan")
+        if not speed:
+            return Text("-/s", style="cyan")
+        return Text(f"{speed / 1000:.1f}k/s" if speed >= 1000 else f"{speed:.1f}/s", style="cyan")
 
 
 class Bar:

@@ -190,7 +190,7 @@ def _run(out: Path, todo: list[int], seed: int, spec: PhantomSpec, workers: int,
          progress: bool) -> Iterator[dict[str, Any]]:
     spec_dict = spec.to_dict()
     bar = None
-    if progress:
+    if progress and todo:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
         bar = Progress("[progress.description]{task.description}", BarColumn(),
