@@ -5,15 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo
 
-.PHONY: demo test test-all bench lint clean venv
+.PHONY: demo test bench lint clean venv
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing embedstore and its dependencies into $(VENV) (first time only, about 2-3 minutes)..."
-	$(BIN)/python -m pip install -qq --upgrade "pip>=24"
-	$(BIN)/python -m pip install -qq -e '.[dev]'
+	@$(BIN)/python -m pip install -qq --upgrade "pip>=24"
+	@$(BIN)/python -m pip install -qq -e '.[dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -315,8 +315,10 @@ def _fit_metrics(res: FitResult) -> dict[str, Any]:
 
 
 def _say(run: Run, res: FitResult) -> None:
-    err_console.print(f"{run.kind} run [bold]{run.run_id}[/bold]: validation AUC "
-                      f"{res.val_auc:.3f} (best epoch {res.best_epoch + 1}, {res.seconds:.1f} s) -> {run.path}")
+    chosen = (f"alpha {res.extra['alpha']:g}" if "alpha" in res.extra
+              else f"best epoch {res.best_epoch + 1}")
+    err_console.print(f"{run.kind} run {run.run_id}: validation AUC {res.val_auc:.3f} "
+                      f"({chosen}, {res.seconds:.1f} s) -> {run.path}", markup=False)
 
 
 def train_prior(
