@@ -198,6 +198,9 @@ def preprocess_ct(vol: CTVolume, spec: PreprocessSpec) -> np.ndarray:
         out_sp = np.array(spec.ct_spacing, dtype=np.float64)
     # source index of output voxel i, centres aligned: src = c_src + (i - c_out) * out_sp/src_sp
     scale = out_sp / src_sp
+    if np.array_equal(src_n, out_n) and np.allclose(scale, 1.0):
+        # already on the output grid: trilinear resampling at integer positions is the identity
+        return np.ascontiguousarray(hu)  # (S, H, W) float32 HU
     if spec.ct_antialias:
         factors = tuple(max(1, int(math.floor(f))) for f in scale)
         if any(f > 1 for f in factors):

@@ -163,3 +163,13 @@ def test_load_study_both_modalities(tmp_path: Path) -> None:
     with pytest.raises(DicomError) as info:
         load_study(str(tmp_path / "junk.dcm"), "CXR", PreprocessSpec("CXR"))
     assert info.value.reason == "not_dicom"
+
+
+def test_ct_already_on_the_output_grid_is_only_clipped() -> None:
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-2000, 4000, size=(8, 16, 16)).astype(np.float32)
+    out = preprocess_ct(_vol(hu), PreprocessSpec("CTPA", ct_shape=(8, 16, 16)))
+    np.testing.assert_array_equal(out, np.clip(hu, -1024, 3071))
+    # one voxel more along z and the resampling path runs (values change)
+    grown = preprocess_ct(_vol(np.concatenate([hu, hu[:1]])), PreprocessSpec("CTPA", ct_shape=(8, 16, 16)))
+    assert grown.shape == (8, 16, 16) and not np.array_equal(grown, out)
