@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -67,15 +66,9 @@ def _median(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    from benchmarks.run_all import machine  # one description of the machine for every benchmark
+
+    return machine()
 
 
 # ------------------------------------------------------------------------------ (1) step
