@@ -1040,7 +1040,8 @@ def read_ct_series(
         decode=True,
         hash_pixels=False,  # the key is not returned: skip hashing the pixel bytes
     )
-    assert vol is not None  # decode=True always builds it
+    if vol is None:  # decode=True always builds it
+        raise RuntimeError("internal error: vol was not set")
     return vol
 
 
@@ -1276,7 +1277,8 @@ def read_radiograph(
     MONOCHROME1 inversion. PNG: grey levels divided by the bit-depth maximum. Raises DicomError.
     """
     rad, _ = _read_rad(path, max_bytes=max_bytes, decode=True)
-    assert rad is not None
+    if rad is None:  # internal invariant
+        raise RuntimeError("internal error: rad was not set")
     return rad
 
 
@@ -1300,10 +1302,12 @@ def read_study(
             max_tilt_deg=5.0,
             decode=True,
         )
-        assert vol is not None
+        if vol is None:  # internal invariant
+            raise RuntimeError("internal error: vol was not set")
         return vol, h
     rad, h = _read_rad(path, max_bytes=max_bytes, decode=True)
-    assert rad is not None
+    if rad is None:  # internal invariant
+        raise RuntimeError("internal error: rad was not set")
     return rad, h
 
 

@@ -403,7 +403,8 @@ def _train_loop(
             on_epoch(row)
         if stale >= cfg.patience:
             break
-    assert best_state is not None  # the last epoch always evaluates
+    if best_state is None:  # cannot happen: the last epoch always evaluates
+        raise RuntimeError("training ended without a validation evaluation")
     model.load_state_dict(best_state)
     model.eval()
     return history, best_epoch, float(best_auc)
@@ -471,7 +472,8 @@ def _select_mean_alpha(prior: DiffusionPrior, teacher: nn.Module, c_all: torch.T
         auc = auc_score(teacher(prior.unstandardize_target(prior.prior_mean(c_val))).float(), y_val)
         if best is None or auc > best[0] + 1e-9:
             best = (auc, alpha)
-    assert best is not None
+    if best is None:  # cannot happen: cfg.alphas is validated non-empty
+        raise RuntimeError("no ridge penalty was evaluated")
     prior.fit_mean(c_all, x_all, best[1])
 
 
@@ -587,7 +589,8 @@ def fit_ridge_logit(
         history.append({"epoch": i, "alpha": alpha, "val_auc": auc})
         if best is None or auc > best[0] + 1e-9:
             best = (auc, i, model)
-    assert best is not None
+    if best is None:  # cannot happen: cfg.alphas is validated non-empty
+        raise RuntimeError("no ridge penalty was evaluated")
     return FitResult(best[2].eval(), history, best[1], best[0], time.perf_counter() - t0,
                      {"alpha": cfg.alphas[best[1]]})
 
@@ -631,7 +634,8 @@ def fit_ridge_embed(
         history.append({"epoch": i, "alpha": alpha, "val_auc": auc})
         if best is None or auc > best[0] + 1e-9:
             best = (auc, i, model)
-    assert best is not None
+    if best is None:  # cannot happen: cfg.alphas is validated non-empty
+        raise RuntimeError("no ridge penalty was evaluated")
     return FitResult(best[2].eval(), history, best[1], best[0], time.perf_counter() - t0,
                      {"alpha": cfg.alphas[best[1]]})
 

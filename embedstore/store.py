@@ -830,7 +830,8 @@ class StoreWriter:
     def _flush(self, n_new: int) -> None:
         if self._seg is None:
             self._create_segment(max(self.capacity, self._n_rows + n_new))
-        assert self._arr is not None
+        if self._arr is None:  # internal invariant
+            raise RuntimeError("internal error: self._arr was not set")
         start = self._n_rows  # first new row's offset
         end = start + n_new
         if end > self._arr.shape[0]:

@@ -288,7 +288,8 @@ class DiffusionPrior(nn.Module):
             gcv = float((resid**2).sum()) / (n * max(1.0 - df / n, 1e-6) ** 2)
             if best is None or gcv < best[0]:
                 best = (gcv, float(alpha))
-        assert best is not None
+        if best is None:  # internal invariant
+            raise RuntimeError("internal error: best was not set")
         self.fit_mean(c, y, best[1])
 
     @torch.no_grad()
