@@ -104,7 +104,7 @@ def plot_roc(
     (taken from ``cis`` when given, else a seeded stratified bootstrap)."""
     _require(len(curves) > 0, "plot_roc needs at least one (y, s) curve, got none.")
     with matplotlib.rc_context(_STYLE):
-        fig = _new_figure(figsize=(6.0, 5.6))
+        fig = _new_figure(figsize=(6.4, 6.4 + 0.3 * len(curves)))
         ax = fig.add_subplot()
         ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls=":", label="chance")
         for i, (name, (y, s)) in enumerate(curves.items()):
@@ -129,7 +129,10 @@ def plot_roc(
         ax.set_xlabel("1 - specificity (false positive rate)")
         ax.set_ylabel("Sensitivity (true positive rate)")
         ax.set_title(title)
-        ax.legend(loc="lower right", title="AUC [95 % CI]", frameon=True, framealpha=0.9)
+        # below the axes: with several models an inset legend hides the curves it explains
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", title="AUC [95 % CI]",
+                   frameon=False, fontsize="small")
         return _save(fig, path)
 
 
