@@ -94,13 +94,15 @@ def show_neighbors(store_path: str | os.PathLike[str], study_id: str, *, k: int 
     if as_json:
         _emit_json(rows)
         return rows
-    cols = ["rank", "study_id", "cosine", "patient_id", "modality", "label_pe", "split"]
-    extra = [c for c in (rows[0] if rows else {}) if c not in cols]
-    t = Table(title=f"nearest studies to {study_id}")
-    for c in cols + extra:
-        t.add_column(c)
+    # the table keeps to the columns that fit a terminal; --json carries every manifest column
+    cols = [c for c in ("rank", "study_id", "cosine", "label_pe", "split", "site", "age", "sex")
+            if any(c in r for r in rows)]
+    t = Table(title=f"nearest studies to {study_id} (cosine; --json for every column)",
+              title_justify="left")
+    for c in cols:
+        t.add_column(c, no_wrap=True, justify="right" if c in ("rank", "cosine", "age") else "left")
     for r in rows:
-        t.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols + extra))
+        t.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols))
     console.print(t)
     return rows
 

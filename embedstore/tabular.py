@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from rich import box
 from rich.table import Table
 
 from embedstore.errors import ConfigError
@@ -126,12 +127,12 @@ def show_info(store_path: str | os.PathLike[str], *, as_json: bool = False) -> d
     if as_json:
         _emit_json(info)
         return info
-    t = Table(title=f"embedstore {info.get('root', store_path)}")
-    for col in ("modality", "encoder key", "encoder", "family", "dim", "dtype", "rows", "superseded"):
-        t.add_column(col)
+    t = Table(title=f"embedstore {info.get('root', store_path)}", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("modality", "encoder key", "family", "dim", "dtype", "rows", "old rows"):
+        t.add_column(col, no_wrap=True)
     for s in info.get("sets", []):
         t.add_row(str(s.get("modality")), str(s.get("encoder_key")),
-                  str((s.get("spec") or {}).get("encoder", {}).get("name", "")),
                   str((s.get("spec") or {}).get("encoder", {}).get("family", "")),
                   str(s.get("dim")), str(s.get("dtype")), str(s.get("count")),
                   str(s.get("superseded", 0)))
