@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from torch import nn
 
 from embedstore.errors import ConfigError
 from embedstore.models.baselines import MLPRegressor, RidgeRegression
-from embedstore.models.heads import HEAD_KINDS, HeadConfig, create_head
+from embedstore.models.heads import HEAD_KINDS, HeadConfig, _JsonConfig, create_head
 from embedstore.models.losses import freeze, prior_loss
 from embedstore.models.prior import DiffusionPrior, PriorConfig
 
@@ -55,24 +54,10 @@ __all__ = [
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-class _TrainConfig:
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+class _TrainConfig(_JsonConfig):
+    """JSON round trip shared with the model configs; bad options raise ConfigError."""
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"Unknown {cls.__name__} option(s) {unknown}. Valid options: {sorted(names)}.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-    @classmethod
-    def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))
+    _error = ConfigError
 
     def replace(self, **changes: Any):
         """A copy with some options changed (validated again)."""

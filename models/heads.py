@@ -38,6 +38,8 @@ class _JsonConfig:
     """JSON round trip for frozen config dataclasses; unknown keys are refused, not dropped."""
 
     SCHEMA: ClassVar[str] = ""
+    #: The error raised for bad input; layers above models/ substitute their own typed error.
+    _error: ClassVar[type[Exception]]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -50,7 +52,7 @@ class _JsonConfig:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ModelConfigError(
+            raise cls._error(
                 f"Unknown {cls.__name__} field(s) {unknown}. Valid fields: {sorted(names)}."
             )
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
@@ -61,10 +63,13 @@ class _JsonConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ModelConfigError(f"{cls.__name__} JSON is not valid JSON: {e}") from e
+            raise cls._error(f"{cls.__name__} JSON is not valid JSON: {e}") from e
         if not isinstance(data, dict):
-            raise ModelConfigError(f"{cls.__name__} JSON must be an object, got {type(data).__name__}.")
+            raise cls._error(f"{cls.__name__} JSON must be an object, got {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+_JsonConfig._error = ModelConfigError
 
 
 def _check(cond: bool, message: str) -> None:
