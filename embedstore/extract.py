@@ -248,7 +248,7 @@ def extract(
                       lock_scope=scope) as w:
         from embedstore.dicom import source_signature
 
-        done_sources = w.committed_sources()
+        done_sources = w.committed_sources(patient_of)  # those studies only, read on disk
         todo: list[tuple[str, str, str]] = []
         sigs: dict[str, str | None] = {}
         for r in rows:
@@ -307,7 +307,7 @@ def _run_pipeline(
             initargs=initargs,
         )
         executor.submit(_decode.warm_up)  # start the processes now (imports take seconds)
-    committed = w.committed_keys()
+    committed = w.committed_keys(t[0] for t in todo)  # keys of these studies, read on disk
     pp_fp, enc_fp = pp.fingerprint(), encoder.fingerprint()
     threads = torch.get_num_threads()
     if n_workers and device.type == "cpu":
