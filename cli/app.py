@@ -217,6 +217,24 @@ def gc(
 
 @app.command()
 @_user_errors
+def upgrade(store: StoreArg, json_out: JsonOpt = False) -> None:
+    """Rewrite a schema_version 1 store in place as schema_version 2 (commit logs become Parquet
+    parts; vectors are not copied). Idempotent; needs the store to be idle."""
+    from embedstore.store import upgrade_store
+
+    rep = upgrade_store(store).to_dict()
+    if json_out:
+        _print_json(rep)
+    elif rep["from_version"] == rep["to_version"]:
+        typer.echo(f"Nothing to do: {store} is already schema_version {rep['to_version']}.")
+    else:
+        typer.echo(f"Upgraded {store} from schema_version {rep['from_version']} to "
+                   f"{rep['to_version']}: {rep['rows']} rows in {rep['segments']} segments, "
+                   f"{rep['failure_logs']} failure logs.")
+
+
+@app.command()
+@_user_errors
 def encoders(json_out: JsonOpt = False) -> None:
     """List the registered frozen encoders."""
     from embedstore.tabular import show_encoders

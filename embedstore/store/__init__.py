@@ -34,7 +34,13 @@ One module per concern:
 """
 
 from embedstore.store.format import DTYPES, SCHEMA_VERSION, make_cache_key
-from embedstore.store.maintenance import GcReport, Problem, UpgradeReport, VerifyReport, upgrade_store
+from embedstore.store.maintenance import (
+    GcReport,
+    Problem,
+    UpgradeReport,
+    VerifyReport,
+    upgrade_store,
+)
 from embedstore.store.reader import EmbeddingSet, SetInfo, Store, open_store
 from embedstore.store.writer import StoreWriter
 

@@ -36,6 +36,7 @@ _MAX_CHUNK_ROWS = 16384
 # A run of wanted rows read as one span when they fill at least this share of it; sparser rows
 # are read run by run, so a load never reads more than ~1/0.85 = 1.18x the bytes it returns.
 _DENSE = 0.85
+_PIECE_ROWS_BYTES = 1 << 19  # scatter reads go through a ~512 KiB scratch buffer (cache-sized)
 
 
 def chunk_rows_for(row_bytes: int) -> int:
@@ -257,6 +258,7 @@ class RowArray:
             out[pos] = self._zarr_rows(lo, hi)[rows - lo]
             return (hi - lo) * self.row_bytes
         rb, cr = self.row_bytes, self.chunk_rows
+        _PIECE_ROWS = max(1, _PIECE_ROWS_BYTES // rb)  # noqa: N806 - a per-array constant
         direct = out.dtype == self.dtype and out.flags.c_contiguous
         out_bytes = memoryview(out.reshape(out.shape[0], -1).view(np.uint8)).cast("B") if direct else None
         scratch: np.ndarray | None = None
@@ -289,12 +291,22 @@ class RowArray:
                 p0 = int(p[0])
                 self._read_span(ci, r0 - ci * cr, r1 - ci * cr, out_bytes[p0 * rb : (p0 + n) * rb])
                 continue
-            if scratch is None or scratch.shape[0] < n:
-                scratch = np.empty((max(n, min(cr, 1024)), *self.row_shape), dtype=self.dtype)
-            buf = scratch[:n]
-            self._read_span(ci, r0 - ci * cr, r1 - ci * cr,
-                            memoryview(buf.reshape(n, -1).view(np.uint8)).cast("B"))
-            out[p] = buf[rows[a:b] - r0]
+            # Through a scratch buffer, a cache-sized piece at a time: read, then scatter.
+            if scratch is None:
+                scratch = np.empty((min(cr, _PIECE_ROWS), *self.row_shape), dtype=self.dtype)
+            want = rows[a:b] - r0  # (k,) rows of the span wanted, ascending
+            for q0 in range(0, n, _PIECE_ROWS):
+                q1 = min(n, q0 + _PIECE_ROWS)
+                i0, i1 = np.searchsorted(want, [q0, q1])
+                if i0 == i1:
+                    continue
+                buf = scratch[: q1 - q0]
+                self._read_span(ci, r0 - ci * cr + q0, r0 - ci * cr + q1,
+                                memoryview(buf.reshape(q1 - q0, -1).view(np.uint8)).cast("B"))
+                if i1 - i0 == q1 - q0:  # every row of the piece is wanted
+                    out[p[i0:i1]] = buf
+                else:
+                    out[p[i0:i1]] = buf[want[i0:i1] - q0]
         return read
 
 

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedstore.errors import StoreCorruptError
+from embedstore.store._arrow import from_np, strings
 from embedstore.store._backend import Backend
 from embedstore.store._faults import PutFaults
 from embedstore.store.format import SCHEMA_VERSION, micros
@@ -45,6 +46,7 @@ __all__ = [
     "live_parts",
     "part_name",
     "read_part_info",
+    "read_parquet",
     "read_parts",
     "merge_parts",
     "parse_v1_log",
@@ -161,6 +163,13 @@ def read_part_info(backend: Backend, key: str, kind: str = "commits") -> PartInf
                     min_id=kv.get("min"), max_id=kv.get("max"))
 
 
+def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """One Parquet file (or its ``columns``). ``pq.ParquetFile`` rather than ``pq.read_table``:
+    the latter imports pyarrow.dataset, ~0.5 s on the first call of every process."""
+    with pq.ParquetFile(path) as pf:
+        return pf.read(columns=list(columns) if columns is not None else None)
+
+
 def read_parts(backend: Backend, parts: Sequence[PartInfo], columns: Sequence[str] | None = None,
                kind: str = "commits") -> pa.Table:
     """The rows of ``parts`` (in order) as one table of the ``kind`` schema (or ``columns``)."""
@@ -170,7 +179,7 @@ def read_parts(backend: Backend, parts: Sequence[PartInfo], columns: Sequence[st
     for p in parts:
         path = backend.local_path(p.key)
         try:
-            t = pq.read_table(path, columns=cols)
+            t = read_parquet(path, cols)
         except FileNotFoundError:
             raise
         except (OSError, pa.ArrowException) as e:
@@ -230,46 +239,53 @@ class CommitRecord:
         """The record's rows as a COMMIT_SCHEMA table."""
         n = self.n
         if isinstance(self.created_at, list):
-            created = pa.array([micros(c) for c in self.created_at], pa.int64())
+            created = np.array([micros(c) for c in self.created_at], np.int64)
         else:
-            created = pa.array(np.full(n, micros(self.created_at), np.int64))
+            created = np.full(n, micros(self.created_at), np.int64)
         cols = [
-            pa.array(np.arange(self.offset0, self.offset0 + n, dtype=np.int64)),
-            pa.array(self.study_id, pa.string()),
-            pa.array(self.patient_id, pa.string()),
-            pa.array(self.cache_key, pa.string()),
-            pa.array(self.content_hash, pa.string()),
-            pa.array(self.source_sig if self.source_sig is not None else [None] * n, pa.string()),
-            pa.array(np.asarray(self.crc32, dtype=np.uint32)),
+            from_np(np.arange(self.offset0, self.offset0 + n, dtype=np.int64)),
+            strings(self.study_id),
+            strings(self.patient_id),
+            strings(self.cache_key),
+            strings(self.content_hash),
+            strings(self.source_sig if self.source_sig is not None else [None] * n),
+            from_np(np.asarray(self.crc32, dtype=np.uint32)),
             (pa.nulls(n, pa.uint32()) if self.tokens_crc32 is None
-             else pa.array(np.asarray(self.tokens_crc32, dtype=np.uint32))),
-            created.cast(UTC_US),
+             else from_np(np.asarray(self.tokens_crc32, dtype=np.uint32))),
+            from_np(created, UTC_US),
         ]
         if any(len(c) != n for c in cols):
             raise ValueError("commit record columns differ in length")
         return pa.Table.from_arrays(cols, schema=COMMIT_SCHEMA)
 
 
+def _column(values, type: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values if values.type == type else values.cast(type)
+    if isinstance(values, np.ndarray):
+        return from_np(values, type)
+    if pa.types.is_string(type):
+        return strings(values)
+    return pa.array(values, type)
+
+
 def commit_table(columns: dict) -> pa.Table:
-    """A COMMIT_SCHEMA table from columns (arrays or lists), cast to the schema's types."""
-    return pa.Table.from_arrays(
-        [pa.array(columns[f.name]).cast(f.type) if not isinstance(columns[f.name], pa.ChunkedArray)
-         else columns[f.name].cast(f.type) for f in COMMIT_SCHEMA],
-        schema=COMMIT_SCHEMA,
-    )
+    """A COMMIT_SCHEMA table from columns (Arrow or numpy arrays, or lists), cast to its types
+    (created_at may be int64 microseconds)."""
+    return pa.Table.from_arrays([_column(columns[f.name], f.type) for f in COMMIT_SCHEMA],
+                                schema=COMMIT_SCHEMA)
 
 
 def failure_table(rows: Sequence[dict]) -> pa.Table:
     """A FAILURES_SCHEMA table from failure dicts (``created_at`` an ISO time string)."""
-    cols = {}
+    cols = []
     for f in FAILURES_SCHEMA:
         vals = [r.get(f.name) for r in rows]
         if f.name == "created_at":
-            cols[f.name] = pa.array([None if v is None else micros(v) for v in vals],
-                                    pa.int64()).cast(UTC_US)
+            cols.append(from_np(np.array([micros(v) for v in vals], np.int64), UTC_US))
         else:
-            cols[f.name] = pa.array([None if v is None else str(v) for v in vals], f.type)
-    return pa.table(cols, schema=FAILURES_SCHEMA)
+            cols.append(strings([None if v is None else str(v) for v in vals]))
+    return pa.Table.from_arrays(cols, schema=FAILURES_SCHEMA)
 
 
 # Faults at the steps of a commit part's publication (tests/test_store_crash.py).

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from embedstore._fsio import atomic_write_bytes, tree_size
 from embedstore.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from embedstore.store._arrow import bools, np_of, strings
 from embedstore.store._backend import TEMP_SUFFIX, Backend, LocalBackend
+from embedstore.store._crc import combine_rows
 from embedstore.store._faults import fault_point
 from embedstore.store._zarr import RowArray, sweep_partials
 from embedstore.store.commitlog import (
@@ -37,6 +38,7 @@ from embedstore.store.commitlog import (
     merge_parts,
     parse_v1_failures,
     parse_v1_log,
+    read_parquet,
     read_part_info,
     read_parts,
 )
@@ -151,7 +153,7 @@ def verify(store: Store) -> VerifyReport:
     manifest = None
     if store.manifest_path.exists():
         try:
-            manifest = pq.read_table(store.manifest_path, columns=["study_id", "modality"])
+            manifest = read_parquet(str(store.manifest_path), ["study_id", "modality"])
         except (OSError, pa.ArrowException) as e:
             problems.append(Problem("manifest_unreadable", "manifest.parquet", str(e)))
     for sub in (SETS_DIR, FAILURES_DIR):
@@ -227,7 +229,7 @@ def _verify_segment(backend, sd, name, dim, dtype, tshape, manifest, problems, p
         problems.append(Problem("commit_part_unreadable", key, str(e)))
         return 0
     n = t.num_rows
-    arow = t["array_row"].combine_chunks().to_numpy()
+    arow = np_of(t["array_row"])
     sids = t["study_id"].combine_chunks()
     if not np.array_equal(arow, np.arange(n)):
         problems.append(Problem("offset_mismatch", key,
@@ -253,8 +255,8 @@ def _verify_segment(backend, sd, name, dim, dtype, tshape, manifest, problems, p
                                     f"{n} committed rows, array has {arr.shape[0]}"))
             continue
         crc = t[crc_col].combine_chunks()
-        crc_np = crc.fill_null(0).to_numpy().astype(np.uint32)
-        has_crc = crc.is_valid().to_numpy(zero_copy_only=False)
+        crc_np = np_of(crc, np.uint32, null=0)
+        has_crc = np_of(crc.is_valid())
         _verify_array(arr, n, crc_np, has_crc, sids, problems, pool)
     if manifest is not None:
         _verify_membership(sd, key, sids, manifest, problems)
@@ -263,8 +265,15 @@ def _verify_segment(backend, sd, name, dim, dtype, tshape, manifest, problems, p
 
 def _verify_array(arr: RowArray, n: int, crc: np.ndarray, has_crc: np.ndarray, sids: pa.Array,
                   problems: list[Problem], pool: ThreadPoolExecutor) -> None:
+    """Each chunk read once (the next one in a thread, which also CRCs it whole); a full chunk
+    whose CRC equals the combination of its rows' commit CRCs has every row intact (_crc.py),
+    any other chunk is checked row by row."""
     cr, rb = arr.chunk_rows, arr.row_bytes
     n_chunks = -(-n // cr)
+    full = n // cr
+    expect = None
+    if full and has_crc[: full * cr].all():
+        expect = combine_rows(crc[: full * cr].reshape(full, cr), rb)  # (full,) chunk CRCs
     bufs = [np.empty((cr, *arr.row_shape), dtype=arr.dtype) for _ in range(2)]
 
     def read(c: int):
@@ -277,12 +286,12 @@ def _verify_array(arr: RowArray, n: int, crc: np.ndarray, has_crc: np.ndarray, s
                     raise StoreCorruptError(f"size {size} != {cr * rb}")
             arr.read_rows(lo, hi, out=buf)
         except (StoreCorruptError, OSError) as e:
-            return e
-        return buf
+            return e, None
+        return buf, zlib.crc32(buf)
 
     pending = pool.submit(read, 0) if n_chunks else None
     for c in range(n_chunks):
-        got = pending.result()
+        got, whole = pending.result()
         pending = pool.submit(read, c + 1) if c + 1 < n_chunks else None
         lo, hi = c * cr, min(n, (c + 1) * cr)
         if isinstance(got, BaseException):
@@ -291,10 +300,13 @@ def _verify_array(arr: RowArray, n: int, crc: np.ndarray, has_crc: np.ndarray, s
                                     study_id=sids[lo].as_py()))
             continue
         flat = got.reshape(hi - lo, -1)  # (rows, elems)
-        mv = memoryview(flat.view(np.uint8)).cast("B")
-        row_crc = np.fromiter((zlib.crc32(mv[k * rb : (k + 1) * rb]) for k in range(hi - lo)),
-                              np.uint32, hi - lo)
-        bad_crc = (row_crc != crc[lo:hi]) & has_crc[lo:hi]
+        if expect is not None and c < full and whole == int(expect[c]):
+            bad_crc = np.zeros(hi - lo, dtype=bool)
+        else:  # a partial chunk, or a mismatch to locate: row by row
+            mv = memoryview(flat.view(np.uint8)).cast("B")
+            row_crc = np.fromiter((zlib.crc32(mv[k * rb : (k + 1) * rb]) for k in range(hi - lo)),
+                                  np.uint32, hi - lo)
+            bad_crc = (row_crc != crc[lo:hi]) & has_crc[lo:hi]
         finite = np.isfinite(flat).all(axis=1)
         zero = ~flat.any(axis=1)
         for i in np.flatnonzero(bad_crc | ~finite | zero):
@@ -323,7 +335,7 @@ def _verify_membership(sd: SetDir, key: str, sids: pa.Array, manifest: pa.Table,
                                 "warning", study_id=sid))
     found = pos.filter(pc.is_valid(pos))
     mods = manifest["modality"].combine_chunks().take(found)
-    wrong = pc.not_equal(mods, pa.scalar(sd.modality))
+    wrong = pc.not_equal(mods, strings([sd.modality])[0])
     if pc.any(wrong).as_py():
         bad = pc.unique(sids.filter(pc.is_valid(pos)).filter(wrong))
         for sid, mod in zip(bad.to_pylist(),
@@ -360,7 +372,7 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
     root, backend = store.root, store.backend
     manifest_ids = None
     if store.manifest_path.exists():
-        manifest_ids = pq.read_table(store.manifest_path, columns=["study_id"])["study_id"]
+        manifest_ids = read_parquet(str(store.manifest_path), ["study_id"])["study_id"]
         manifest_ids = manifest_ids.combine_chunks()
     superseded: dict[str, int] = {}
     unreferenced: dict[str, int] = {}
@@ -377,7 +389,7 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
         live = resolve_live(backend, snap)
         keep_rows = live
         if manifest_ids is not None:
-            mask = pc.is_in(live.study_id, value_set=manifest_ids).to_numpy(zero_copy_only=False)
+            mask = np_of(pc.is_in(live.study_id, value_set=manifest_ids))
             keep_rows = _subset(live, mask)
         superseded[sd.name] = live.superseded
         unreferenced[sd.name] = live.n - keep_rows.n
@@ -431,7 +443,7 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
 
 
 def _subset(live: Live, mask: np.ndarray) -> Live:
-    return Live(live.study_id.filter(pa.array(mask)), live.seg[mask], live.array_row[mask],
+    return Live(live.study_id.filter(bools(mask)), live.seg[mask], live.array_row[mask],
                 live.created_at[mask], live.segments, live.total)
 
 
@@ -502,7 +514,7 @@ def compact_segments(backend: Backend, sd: SetDir, snap: Snapshot, rows: Live,
             "study_id": rows.study_id,
             **{c: meta[c] for c in meta.column_names},
             # Each row keeps its original commit time, so supersession order survives.
-            "created_at": pa.array(rows.created_at, pa.int64()),
+            "created_at": rows.created_at,
         })
         fault_point("compact_before_publish")
         PartLog(backend, f"{key}/{COMMITS_DIR}", "commits").append(table)

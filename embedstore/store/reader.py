@@ -26,6 +26,7 @@ from embedstore.errors import (
     StoreNotFoundError,
 )
 from embedstore.store import maintenance
+from embedstore.store._arrow import from_np, strings, table
 from embedstore.store._backend import LocalBackend
 from embedstore.store.commitlog import FAILURES_SCHEMA, PartInfo, live_parts, read_parts
 from embedstore.store.format import (
@@ -288,7 +289,7 @@ class Store:
             ids = self.sql(f"SELECT DISTINCT study_id FROM studies WHERE {where}")["study_id"]
             ids = ids.combine_chunks().cast(pa.string())
         if study_ids is not None:
-            wanted = pa.array([str(s) for s in study_ids], pa.string())
+            wanted = strings([str(s) for s in study_ids])
             ids = wanted if ids is None else wanted.filter(pc.is_in(wanted, value_set=ids))
         return ids
 
@@ -345,9 +346,9 @@ class Store:
                     f"Rows of set {sd.name!r} were superseded and garbage-collected after they "
                     "were loaded; load the set again.") from None
             t = segment_meta(self.backend, now, _META_COLS)
-        created = pa.array(live.created_at, pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-        return pa.table({
-            "row": pa.array(np.arange(live.n, dtype=np.int64)),
+        created = from_np(live.created_at, pa.timestamp("us", tz="UTC"))
+        return table({
+            "row": from_np(np.arange(live.n, dtype=np.int64)),
             "study_id": live.study_id,
             "patient_id": t["patient_id"],
             "cache_key": t["cache_key"],

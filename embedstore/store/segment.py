@@ -26,9 +26,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedstore.errors import StoreCorruptError, StoreNotFoundError
+from embedstore.store._arrow import bools, from_np, np_of, strings
 from embedstore.store._backend import Backend
 from embedstore.store._zarr import RowArray
-from embedstore.store.commitlog import PartInfo, live_parts, read_part_info, read_parts
+from embedstore.store.commitlog import (
+    PartInfo,
+    live_parts,
+    read_parquet,
+    read_part_info,
+    read_parts,
+)
 from embedstore.store.format import (
     COMMITS_DIR,
     SCHEMA_VERSION,
@@ -242,7 +249,7 @@ def _scan(backend: Backend, seg: Segment, wanted: pa.Array | None,
             continue  # no wanted id can be in this part
         path = backend.local_path(p.key)
         if wanted is None:
-            out.append(pq.read_table(path, columns=_LIVE_COLS))
+            out.append(read_parquet(path, _LIVE_COLS))
             continue
         for rb in pq.ParquetFile(path).iter_batches(batch_size=_SCAN_BATCH, columns=_LIVE_COLS):
             keep = pc.is_in(rb.column(0), value_set=wanted)
@@ -258,7 +265,7 @@ def resolve_live(backend: Backend, snap: Snapshot, study_ids: pa.Array | None = 
     wanted = None
     rng = None
     if study_ids is not None:
-        wanted = pc.unique(pa.array(study_ids, pa.string()) if not isinstance(study_ids, pa.Array)
+        wanted = pc.unique(strings(list(study_ids)) if not isinstance(study_ids, pa.Array)
                            else study_ids.cast(pa.string()))
         wanted = wanted.filter(pc.is_valid(wanted))
         if len(wanted):
@@ -274,29 +281,35 @@ def resolve_live(backend: Backend, snap: Snapshot, study_ids: pa.Array | None = 
             tables.append(t)
             seg_idx.append(np.full(t.num_rows, i, np.int32))
     if not tables:
-        return Live(pa.array([], pa.string()), np.zeros(0, np.int32), np.zeros(0, np.int64),
+        return Live(strings([]), np.zeros(0, np.int32), np.zeros(0, np.int64),
                     np.zeros(0, np.int64), segs, snap.total)
     t = pa.concat_tables(tables).combine_chunks()
     seg = np.concatenate(seg_idx)
     sid = t["study_id"].combine_chunks()
-    created = t["created_at"].combine_chunks().cast(pa.int64()).to_numpy()
-    arow = t["array_row"].combine_chunks().to_numpy()
-    if order is None:  # an unordered set: sort, and keep the newest commit of each study
+    created = np_of(t["created_at"])
+    arow = np_of(t["array_row"])
+    if order is None:  # an unordered set: sort by study_id, then keep the newest of each
         n = len(sid)
         if n > 1 and not pc.all(pc.less(sid[:-1], sid[1:])).as_py():
-            if pc.count_distinct(sid).as_py() == n:
-                idx = pc.sort_indices(sid)
-            else:
-                tmp = pa.table({"s": sid, "c": created, "g": seg, "r": arow})
-                idx = pc.sort_indices(tmp, sort_keys=[("s", "ascending"), ("c", "descending"),
-                                                      ("g", "descending"), ("r", "descending")])
-                sorted_sid = sid.take(idx)
-                first = np.ones(n, dtype=bool)
-                first[1:] = pc.not_equal(sorted_sid[1:], sorted_sid[:-1]).to_numpy(
-                    zero_copy_only=False)
-                idx = idx.filter(pa.array(first))
-            idx_np = idx.to_numpy()
-            sid, seg, arow, created = sid.take(idx), seg[idx_np], arow[idx_np], created[idx_np]
+            idx = np_of(pc.sort_indices(sid)).astype(np.int64)  # stable: ties keep scan order
+            sid, seg, arow, created = sid.take(from_np(idx)), seg[idx], arow[idx], created[idx]
+            dup = np_of(pc.equal(sid[1:], sid[:-1]))  # (n-1,) row i+1 repeats row i's id
+            if dup.any():
+                # Only the rows of repeated ids need a decision: newest created_at, then newest
+                # segment name (segments are listed in name order), then highest array_row.
+                grp = np.concatenate(([0], np.cumsum(~dup)))  # group number of each row
+                in_dup = np.zeros(n, dtype=bool)
+                in_dup[1:] |= dup
+                in_dup[:-1] |= dup
+                cand = np.flatnonzero(in_dup)
+                o = np.lexsort((arow[cand], seg[cand], created[cand], grp[cand]))
+                cand = cand[o]
+                last = np.ones(cand.size, dtype=bool)
+                last[:-1] = grp[cand[1:]] != grp[cand[:-1]]
+                keep = ~in_dup
+                keep[cand[last]] = True
+                sid, seg, arow, created = (sid.filter(bools(keep)), seg[keep], arow[keep],
+                                           created[keep])
     return Live(sid, seg, arow, created, segs, snap.total)
 
 
@@ -334,15 +347,15 @@ def segment_meta(backend: Backend, live: Live, columns: Sequence[str]) -> pa.Tab
             if a == b:
                 continue
             t = read_parts(backend, [p], ["array_row", *columns])
-            arow = t["array_row"].combine_chunks().to_numpy()
+            arow = np_of(t["array_row"])
             if not (arow == np.arange(p.row0, p.row0 + p.rows)).all():
                 raise StoreCorruptError(f"Commit part {p.key!r} does not hold consecutive rows.")
-            pieces.append(t.select(list(columns)).take(pa.array(rows[a:b] - p.row0)))
+            pieces.append(t.select(list(columns)).take(from_np(rows[a:b] - p.row0)))
             out_idx.append(grp[a:b])
     order = np.concatenate(out_idx)
     if order.size != n:
         raise StoreCorruptError("Some loaded rows are in no commit part of their segment.")
-    table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+    out = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.arange(n)
-    return table.take(pa.array(inverse)).combine_chunks()
+    return out.take(from_np(inverse)).combine_chunks()

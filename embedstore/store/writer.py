@@ -13,11 +13,12 @@ for the keys asked about, never from a set of every stored key in memory.
 from __future__ import annotations
 
 import json
+import operator
 import socket
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedstore.errors import ConfigError, StoreFormatError, StoreLockedError
+from embedstore.store._arrow import strings, table
 from embedstore.store._faults import PutFaults, fault_point
 from embedstore.store._zarr import RowArray, chunk_rows_for, sweep_partials
 from embedstore.store.commitlog import CommitRecord, PartLog, failure_table
@@ -141,10 +143,12 @@ class StoreWriter:
         self._tok: RowArray | None = None
         self._log: PartLog | None = None
         self._flog: PartLog | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None  # chunk files, a few at once
+        self._committer: ThreadPoolExecutor | None = None  # commit parts, in order
+        self._inflight: Future | None = None  # the batch being committed
         self._open = False
         self._broken = False
-        self._n_rows = 0  # rows committed in this segment
+        self._n_rows = 0  # rows handed to a commit in this segment (the next row's offset)
         self._failures: list[dict] = []
         self.rows_written = 0
         self.failures_recorded = 0
@@ -171,8 +175,10 @@ class StoreWriter:
         row_bytes = self.dim * self.dtype.itemsize
         flush_rows = self.flush_rows or max(self._cr, _FLUSH_TARGET_BYTES // row_bytes)
         cap = -(-flush_rows // self._cr) * self._cr + self._cr
-        self._buf = np.zeros((cap, self.dim), dtype=self.dtype)  # (cap, D) from a chunk boundary
-        self._tbuf = (
+        # Two buffers: one fills while the other's batch is written and committed.
+        self._bufs = [np.zeros((cap, self.dim), dtype=self.dtype) for _ in range(2)]
+        self._buf = self._bufs[0]  # (cap, D) from a chunk boundary
+        self._tbuf = (  # tokens: flushed synchronously, one buffer
             np.zeros((cap, *self.tokens_shape), dtype=self.dtype) if self.tokens_shape else None
         )
         self._flush_every = flush_rows
@@ -202,9 +208,10 @@ class StoreWriter:
                 self.flush()
                 self._finalise()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+            for ex in (self._committer, self._pool):
+                if ex is not None:
+                    ex.shutdown(wait=True)
+            self._committer = self._pool = None
             self._open = False
             self._lock.release()
         if self.auto_compact and not self._broken:
@@ -217,12 +224,12 @@ class StoreWriter:
         columns are read only from the parts that hold a live row)."""
         live = resolve_live(self.backend, snap, study_ids)
         meta = segment_meta(self.backend, live, list(columns))
-        return pa.table({"study_id": live.study_id, **{c: meta[c] for c in columns}})
+        return table({"study_id": live.study_id, **{c: meta[c] for c in columns}})
 
     def committed(self, cache_keys: Iterable[str]) -> set[str]:
         """Which of ``cache_keys`` belong to live rows of the set (an anti-join on disk: memory
         grows with the keys asked about, not with the store)."""
-        keys = pc.unique(pa.array([str(k) for k in cache_keys], pa.string()))
+        keys = pc.unique(strings([str(k) for k in cache_keys]))
         if len(keys) == 0:
             return set()
         snap = self._set.snapshot()
@@ -248,7 +255,7 @@ class StoreWriter:
         if study_ids is None:
             live = resolve_live(self.backend, snap)
             return set(segment_meta(self.backend, live, ["cache_key"])["cache_key"].to_pylist())
-        ids = pa.array([str(s) for s in study_ids], pa.string())
+        ids = strings([str(s) for s in study_ids])
         return set(self._live_of(snap, ids, ["cache_key"])["cache_key"].to_pylist())
 
     def committed_sources(self, study_ids: Iterable[str] | None = None
@@ -256,12 +263,12 @@ class StoreWriter:
         """(study_id, source_sig) -> cache_key of the live rows of ``study_ids`` that recorded a
         source signature (of every live row when None: memory grows with the set)."""
         snap = self._set.snapshot()
-        ids = None if study_ids is None else pa.array([str(s) for s in study_ids], pa.string())
+        ids = None if study_ids is None else strings([str(s) for s in study_ids])
         if ids is None:
             live = resolve_live(self.backend, snap)
             meta = segment_meta(self.backend, live, ["source_sig", "cache_key"])
-            t = pa.table({"study_id": live.study_id, "source_sig": meta["source_sig"],
-                          "cache_key": meta["cache_key"]})
+            t = table({"study_id": live.study_id, "source_sig": meta["source_sig"],
+                       "cache_key": meta["cache_key"]})
         else:
             t = self._live_of(snap, ids, ["source_sig", "cache_key"])
         return {(s, g): k for s, g, k in zip(t["study_id"].to_pylist(), t["source_sig"].to_pylist(),
@@ -310,10 +317,9 @@ class StoreWriter:
         self._p_key.append(str(cache_key))
         self._p_hash.append(str(content_hash))
         self._p_sig.append(None if source_sig is None else str(source_sig))
-        if (
-            i + 1 >= self._flush_at
-            or time.monotonic() - self._last_flush >= self.flush_interval_s
-        ):
+        if i + 1 >= self._flush_at:
+            self._start_flush()
+        elif time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def add_many(
@@ -358,23 +364,27 @@ class StoreWriter:
                 self._buf[i : i + take] = vectors[j : j + take]
                 if tokens is not None:
                     self._tbuf[i : i + take] = tokens[j : j + take]
-            sids = [str(s) for s in study_ids[j : j + take]]
+            sids = list(map(str, study_ids[j : j + take]))
             if self._sorted and sids:
                 prev = self._last_sid
-                if (prev is not None and not prev < sids[0]) or any(
-                        not a < c for a, c in zip(sids, sids[1:], strict=False)):
+                if (prev is not None and not prev < sids[0]) or not all(
+                        map(operator.lt, sids, sids[1:])):
                     self._sorted = False
             if sids:
                 self._last_sid = sids[-1]
             self._p_sid.extend(sids)
-            self._p_pid.extend(str(s) for s in patient_ids[j : j + take])
-            self._p_key.extend(str(s) for s in cache_keys[j : j + take])
-            self._p_hash.extend(str(s) for s in content_hashes[j : j + take])
-            self._p_sig.extend([None] * take if source_sigs is None else
-                               [None if s is None else str(s) for s in source_sigs[j : j + take]])
+            self._p_pid.extend(map(str, patient_ids[j : j + take]))
+            self._p_key.extend(map(str, cache_keys[j : j + take]))
+            self._p_hash.extend(map(str, content_hashes[j : j + take]))
+            if source_sigs is None:
+                self._p_sig.extend([None] * take)
+            else:
+                sigs = source_sigs[j : j + take]
+                self._p_sig.extend(map(str, sigs) if None not in sigs else
+                                   (None if g is None else str(g) for g in sigs))
             j += take
             if i + take >= self._flush_at:
-                self.flush()
+                self._start_flush()
         if time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
@@ -396,7 +406,18 @@ class StoreWriter:
 
     def flush(self) -> None:
         """Make every buffered row (and failure record) durable: chunk files first, then one
-        commit part."""
+        commit part. When this returns, the rows exist."""
+        self._start_flush()
+        try:
+            self._wait_commit()
+            if self._failures:
+                self._flush_failures()
+        except BaseException:
+            self._broken = True
+            raise
+
+    def _start_flush(self) -> None:
+        """Hand the buffered rows to the committer (automatic flushes do not wait for it)."""
         self._last_flush = time.monotonic()
         if not self._open:
             return
@@ -405,12 +426,19 @@ class StoreWriter:
                 self._drop_non_finite()
             if self._p_sid:
                 self._flush(len(self._p_sid))
-            if self._failures:
-                self._flush_failures()
         except BaseException:
             self._broken = True
             raise
         self._flush_at = min(self._tail + self._flush_every, self._buf.shape[0])
+
+    def _wait_commit(self) -> None:
+        if self._inflight is not None:
+            fut, self._inflight = self._inflight, None
+            try:
+                fut.result()
+            except BaseException:
+                self._broken = True
+                raise
 
     def _drop_non_finite(self) -> None:
         n = len(self._p_sid)
@@ -436,6 +464,9 @@ class StoreWriter:
             setattr(self, name, [col[j] for j in keep])
 
     def _flush(self, n_new: int) -> None:
+        # The previous batch must be committed first: its chunk files may share a chunk with
+        # this one, parts are published in order, and its buffer is the one we fill next.
+        self._wait_commit()
         if self._arr is None:
             self._create_segment(max(self.capacity, self._n_rows + n_new))
         if self._arr is None:  # internal invariant
@@ -449,42 +480,24 @@ class StoreWriter:
                 self._tok.resize(-(-new_cap // self._tok.chunk_rows) * self._tok.chunk_rows)
         used = self._tail + n_new  # rows of _buf from the chunk boundary
         full = self.durability == "full"
+        buf = self._buf
         fault_point("before_chunk_write")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="embedstore-write")
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="embedstore-commit")
         first_chunk = start // self._cr
         futures = [
             self._pool.submit(self._arr.write_chunk, first_chunk + j,
-                              self._buf[j * self._cr : min(used, (j + 1) * self._cr)],
+                              buf[j * self._cr : min(used, (j + 1) * self._cr)],
                               fsync=full, faults=_CHUNK_FAULTS)
             for j in range(-(-used // self._cr))
         ]
         # While the chunk files are written and fsync'ed: checksums of the new rows.
-        rb = self.dim * self.dtype.itemsize
-        mv = memoryview(self._buf[self._tail : used].reshape(-1).view(np.uint8))
-        crc32 = np.fromiter((zlib.crc32(mv[k * rb : (k + 1) * rb]) for k in range(n_new)),
-                            np.uint32, n_new)
+        crc32 = np.fromiter(map(zlib.crc32, buf[self._tail : used]), np.uint32, n_new)
         tok_crc = None
         if self._tbuf is not None:
-            tok_crc = np.fromiter((zlib.crc32(t) for t in self._tbuf[self._tail : used]),
-                                  np.uint32, n_new)
-        for f in futures:
-            f.result()
-        if self._tok is not None:
-            tcr = self._tok.chunk_rows
-            for c in range(start // tcr, -(-end // tcr)):
-                lo, hi = c * tcr, min(end, (c + 1) * tcr)
-                blk = np.zeros((hi - lo, *self.tokens_shape), dtype=self.dtype)
-                if lo < start:  # rows committed earlier in this chunk
-                    blk[: start - lo] = self._tok.read_rows(lo, start)
-                src_lo = max(lo, start)
-                blk[src_lo - lo :] = self._tbuf[self._tail + src_lo - start : self._tail + hi - start]
-                self._tok.write_chunk(c, blk, fsync=full)
-            if full:
-                self._tok.sync()
-        if full:
-            self._arr.sync()
-        fault_point("after_chunk_write")
+            tok_crc = np.fromiter(map(zlib.crc32, self._tbuf[self._tail : used]), np.uint32, n_new)
+            self._write_tokens(start, end, full)
         record = CommitRecord(
             offset0=start,
             study_id=self._p_sid,
@@ -498,18 +511,43 @@ class StoreWriter:
         )
         if self._log is None:
             self._log = PartLog(self.backend, f"{self._seg_key}/{COMMITS_DIR}", "commits")
-        self._log.append(record.to_table())
-        # Committed.
+        self._inflight = self._committer.submit(self._commit, futures, record, full)
+        if self._tbuf is not None:
+            self._wait_commit()  # tokens reuse one buffer: commit before it refills
         self._n_rows = end
-        self.rows_written += n_new
-        # Keep the rows of the last, partial chunk at the front of the buffer for the next flush.
+        # The next batch fills the other buffer, from the rows of the last, partial chunk.
         keep = used % self._cr
+        nxt = self._bufs[1] if buf is self._bufs[0] else self._bufs[0]
         if keep:
-            self._buf[:keep] = self._buf[used - keep : used]
+            nxt[:keep] = buf[used - keep : used]
             if self._tbuf is not None:
                 self._tbuf[:keep] = self._tbuf[used - keep : used]
+        self._buf = nxt
         self._tail = keep
         self._p_sid, self._p_pid, self._p_key, self._p_hash, self._p_sig = [], [], [], [], []
+
+    def _commit(self, futures: list[Future], record: CommitRecord, full: bool) -> None:
+        """(committer thread) Once the batch's chunk files are in place, publish its part."""
+        for f in futures:
+            f.result()
+        if full:
+            self._arr.sync()
+        fault_point("after_chunk_write")
+        self._log.append(record.to_table())
+        self.rows_written += record.n
+
+    def _write_tokens(self, start: int, end: int, full: bool) -> None:
+        tcr = self._tok.chunk_rows
+        for c in range(start // tcr, -(-end // tcr)):
+            lo, hi = c * tcr, min(end, (c + 1) * tcr)
+            blk = np.zeros((hi - lo, *self.tokens_shape), dtype=self.dtype)
+            if lo < start:  # rows committed earlier in this chunk
+                blk[: start - lo] = self._tok.read_rows(lo, start)
+            src_lo = max(lo, start)
+            blk[src_lo - lo :] = self._tbuf[self._tail + src_lo - start : self._tail + hi - start]
+            self._tok.write_chunk(c, blk, fsync=full)
+        if full:
+            self._tok.sync()
 
     def record_failure(
         self, *, study_id: str, modality: str, stage: str, reason: str, message: str
@@ -527,7 +565,8 @@ class StoreWriter:
             "segment": self.segment_name,
         })
         self.failures_recorded += 1
-        if self._open and time.monotonic() - self._last_flush >= self.flush_interval_s:
+        if self._open and not self._broken and (
+                time.monotonic() - self._last_flush >= self.flush_interval_s):
             self.flush()
 
     def _flush_failures(self) -> None:
