@@ -294,10 +294,23 @@ CASES: dict[str, Callable[[Path, str], dict]] = {
 }
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes: VmHWM, the high-water mark of its own
+    address space. ru_maxrss would do, except that Linux keeps it across fork + exec, so a case
+    started by a big driver would report the driver's RSS."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(argv: list[str]) -> None:
     case, work, arg = argv[0], Path(argv[1]), (argv[2] if len(argv) > 2 else "")
     out = CASES[case](work, arg)
-    out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["rss"] = peak_rss()
     print(json.dumps(out))
 
 

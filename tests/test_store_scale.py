@@ -118,34 +118,39 @@ def test_resume_checks_are_answered_from_disk_for_the_keys_asked(store):
 
 def test_ordered_and_unordered_sets_agree_on_rows_and_catalog_row_numbers(tmp_path):
     ids = list(range(60))
-    layouts = {
-        "in-order": [ids[:25], ids[25:]],  # two sessions, disjoint increasing ranges
-        "interleaved": [ids[0::2], ids[1::2]],  # shards: overlapping ranges
-        "shuffled": [list(np.random.default_rng(3).permutation(60))],
-        "superseded": [ids, [5, 40]],
+    shuffled = list(np.random.default_rng(3).permutation(60))
+    layouts = {  # name: (sessions, flush_rows, ordered?)
+        "in-order": ([ids[:25], ids[25:]], 16, True),  # disjoint increasing ranges
+        "interleaved": ([ids[0::2], ids[1::2]], 16, False),  # shards: overlapping ranges
+        "shuffled": ([shuffled], 16, True),  # parts merged in study_id order at close
+        "shuffled-one-part": ([shuffled], 100, False),  # one part, left as written
+        "superseded": ([ids, [5, 40]], 16, False),
     }
     results = {}
-    for name, sessions in layouts.items():
+    for name, (sessions, flush_rows, want_ordered) in layouts.items():
         s = open_store(tmp_path / name, create=True)
         for k, sess in enumerate(sessions):
-            fill(s, sess, chunk_rows=8, flush_rows=16, version=k if name == "superseded" else 0)
+            fill(s, sess, chunk_rows=8, flush_rows=flush_rows,
+                 version=k if name == "superseded" else 0)
         sd = s._set("CXR", "toy")
-        ordered = sd.snapshot().ordered_segments() is not None
-        assert ordered == (name == "in-order"), name
+        assert (sd.snapshot().ordered_segments() is not None) == want_ordered, name
         es = s.load("CXR", "toy")
         cat = s.sql("SELECT study_id, row FROM embeddings ORDER BY row")
-        assert cat["study_id"].to_pylist() == es.study_ids == [sid(i) for i in ids]
+        assert cat["study_id"].to_pylist() == es.study_ids == [sid(i) for i in ids], name
         assert cat["row"].to_pylist() == list(range(60))
         assert s.sets()[0].count == 60
+        assert s.verify().ok
         results[name] = es.vectors
-    np.testing.assert_array_equal(results["in-order"], results["interleaved"])
-    np.testing.assert_array_equal(results["in-order"], results["shuffled"])
+    for name in ("interleaved", "shuffled", "shuffled-one-part"):
+        np.testing.assert_array_equal(results["in-order"], results[name])
     expect = results["in-order"].copy()
     expect[[5, 40]] = np.stack([vec(5, 1), vec(40, 1)])
     np.testing.assert_array_equal(results["superseded"], expect)
     sup = open_store(tmp_path / "superseded")
     assert sup.sets()[0].superseded == 2
     assert sup.sql("SELECT count(*) AS n FROM commits")["n"][0].as_py() == 62
+    meta = open_store(tmp_path / "shuffled").load("CXR", "toy", study_ids=[sid(7), sid(50)]).meta
+    assert meta["cache_key"].to_pylist() == ["k7.0", "k50.0"]  # through the permuted part
 
 
 def _set_config(store, **config):

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedstore.errors import StoreCorruptError
-from embedstore.store._arrow import from_np, strings
+from embedstore.store._arrow import from_np, sort_indices, strings
 from embedstore.store._backend import Backend
 from embedstore.store._faults import PutFaults
 from embedstore.store.format import SCHEMA_VERSION, micros
@@ -196,7 +196,7 @@ def _table_meta(table: pa.Table, kind: str, first: int, last: int) -> dict:
     if kind == "commits":
         sid = table["study_id"]
         n = table.num_rows
-        meta["row0"] = int(table["array_row"][0].as_py()) if n else 0
+        meta["row0"] = int(pc.min(table["array_row"]).as_py()) if n else 0
         meta["sorted"] = bool(n < 2 or pc.all(pc.less(sid[:-1], sid[1:])).as_py())
         if n:
             mm = pc.min_max(sid).as_py()
@@ -320,31 +320,42 @@ class PartLog:
 _MERGE_FAULTS = PutFaults(after_publish="merge_after_publish")
 
 
-def merge_parts(backend: Backend, prefix: str, kind: str = "commits") -> int:
+def merge_parts(backend: Backend, prefix: str, kind: str = "commits", *,
+                sort: bool = False) -> int:
     """Replace the live parts under ``prefix`` by one part covering them all. Crash-safe: the
     merged part is published before the parts it covers are deleted, and a reader uses either.
-    Streams part by part (memory: one part). Returns the number of files removed."""
+    Streams part by part (memory: one part); with ``sort`` (commit parts), writes the rows in
+    study_id order instead (memory: every row's metadata), so that readers need no sort.
+    Returns the number of files removed."""
     names = backend.list(prefix)
     parts = [read_part_info(backend, f"{prefix}/{n}", kind) for _, _, n in live_parts(names)]
     if len(parts) < 2:
         return 0
     first, last = parts[0].first, parts[-1].last
-    meta: dict = {"kind": kind, "schema_version": SCHEMA_VERSION, "first": first, "last": last,
-                  "rows": sum(p.rows for p in parts)}
-    if kind == "commits":
-        full = [p for p in parts if p.rows]
-        meta["row0"] = parts[0].row0
-        meta["sorted"] = all(p.sorted for p in full) and all(
-            a.max_id < b.min_id for a, b in zip(full, full[1:], strict=False))
-        if full:
-            meta["min"] = min(p.min_id for p in full)
-            meta["max"] = max(p.max_id for p in full)
-    schema = _KINDS[kind].with_metadata({PART_META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    with backend.open_write(f"{prefix}/{part_name(first, last)}", faults=_MERGE_FAULTS) as f:
-        with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=_DICT_COLS[kind],
-                              write_statistics=_STATS_COLS[kind]) as w:
-            for p in parts:
-                w.write_table(read_parts(backend, [p], kind=kind), row_group_size=_ROW_GROUP)
+    key = f"{prefix}/{part_name(first, last)}"
+    if sort:
+        table = read_parts(backend, parts, kind=kind)
+        table = table.take(from_np(sort_indices(table["study_id"].combine_chunks())))
+        data = encode_part(table, kind, first, last)
+        backend.put_once(key, memoryview(data), faults=_MERGE_FAULTS)
+    else:
+        meta: dict = {"kind": kind, "schema_version": SCHEMA_VERSION, "first": first,
+                      "last": last, "rows": sum(p.rows for p in parts)}
+        if kind == "commits":
+            full = [p for p in parts if p.rows]
+            meta["row0"] = min((p.row0 for p in full), default=0)
+            meta["sorted"] = all(p.sorted for p in full) and all(
+                a.max_id < b.min_id for a, b in zip(full, full[1:], strict=False))
+            if full:
+                meta["min"] = min(p.min_id for p in full)
+                meta["max"] = max(p.max_id for p in full)
+        schema = _KINDS[kind].with_metadata(
+            {PART_META_KEY: json.dumps(meta, sort_keys=True).encode()})
+        with backend.open_write(key, faults=_MERGE_FAULTS) as f:
+            with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=_DICT_COLS[kind],
+                                  write_statistics=_STATS_COLS[kind]) as w:
+                for p in parts:
+                    w.write_table(read_parts(backend, [p], kind=kind), row_group_size=_ROW_GROUP)
     removed = 0
     for n in names:  # everything the merged part covers, including older covered leftovers
         r = _parse_name(n)

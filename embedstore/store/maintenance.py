@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from embedstore._fsio import atomic_write_bytes, tree_size
 from embedstore.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
-from embedstore.store._arrow import bools, np_of, strings
+from embedstore.store._arrow import bools, from_np, np_of, strings
 from embedstore.store._backend import TEMP_SUFFIX, Backend, LocalBackend
 from embedstore.store._crc import combine_rows
 from embedstore.store._faults import fault_point
@@ -231,10 +231,14 @@ def _verify_segment(backend, sd, name, dim, dtype, tshape, manifest, problems, p
     n = t.num_rows
     arow = np_of(t["array_row"])
     sids = t["study_id"].combine_chunks()
+    order = None  # parts merged in study_id order hold their array rows permuted
     if not np.array_equal(arow, np.arange(n)):
-        problems.append(Problem("offset_mismatch", key,
-                                "commit records do not name rows 0..n-1 once each"))
-        return n
+        order = np.argsort(arow, kind="stable")
+        if not np.array_equal(arow[order], np.arange(n)):
+            problems.append(Problem("offset_mismatch", key,
+                                    "commit records do not name rows 0..n-1 once each"))
+            return n
+        sids = sids.take(from_np(order))  # in array order from here on
     checks = [(EMBEDDINGS_ARRAY, (dim,), "crc32")]
     if tshape:
         checks.append((TOKENS_ARRAY, tshape, "tokens_crc32"))
@@ -255,6 +259,8 @@ def _verify_segment(backend, sd, name, dim, dtype, tshape, manifest, problems, p
                                     f"{n} committed rows, array has {arr.shape[0]}"))
             continue
         crc = t[crc_col].combine_chunks()
+        if order is not None:
+            crc = crc.take(from_np(order))
         crc_np = np_of(crc, np.uint32, null=0)
         has_crc = np_of(crc.is_valid())
         _verify_array(arr, n, crc_np, has_crc, sids, problems, pool)
@@ -404,6 +410,7 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
         elif any(len(s.parts) > 1 for s in snap.segments):
             merge.append(sd)
     temps = sweep_partials(root / SETS_DIR, dry_run=True)
+    temps += _covered_parts(backend)  # left by a merge killed before its cleanup
     temps += sweep_partials(root / FAILURES_DIR, dry_run=True)
     temps += sorted(p for p in root.rglob("*.tmp") if p.is_file())
     freed = 0
@@ -442,6 +449,21 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
     )
 
 
+def _covered_parts(backend: Backend) -> list[Path]:
+    out = []
+    for sd in set_dirs(backend):
+        for name in sd.segment_names():
+            prefix = f"{sd.key}/{name}/{COMMITS_DIR}"
+            names = backend.list(prefix)
+            try:
+                keep = {n for _, _, n in live_parts(names)}
+            except StoreCorruptError:
+                continue  # overlapping parts: verify reports them, gc leaves them alone
+            out += [Path(backend.local_path(f"{prefix}/{n}")) for n in names
+                    if n.endswith(".parquet") and n not in keep]
+    return out
+
+
 def _subset(live: Live, mask: np.ndarray) -> Live:
     return Live(live.study_id.filter(bools(mask)), live.seg[mask], live.array_row[mask],
                 live.created_at[mask], live.segments, live.total)
@@ -463,7 +485,7 @@ def auto_compact(store: Store, sd: SetDir) -> bool:
     merged = False
     for seg in snap.segments:
         if len(seg.parts) > max_parts:
-            merge_parts(backend, seg.commits_key)
+            merge_parts(backend, seg.commits_key, sort=not seg.ordered() and seg.rows <= 2_000_000)
             merged = True
     if merged:
         snap = sd.snapshot()

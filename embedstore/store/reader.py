@@ -311,20 +311,20 @@ class Store:
         doc = sd.doc()
         cohort = self._cohort(where, study_ids)
         for attempt in range(2):
-            snap = sd.snapshot()
-            live = sd.live(cohort, snap)
-            n = live.n
             try:
+                snap = sd.snapshot()
+                live = sd.live(cohort, snap)
+                n = live.n
                 vectors = np.empty((n, int(doc["dim"])), dtype=np.float32)  # (N, D)
                 read_rows_for(self.backend, live, EMBEDDINGS_ARRAY, vectors)
                 tokens = None
                 if doc.get("tokens_shape"):
                     tokens = np.empty((n, *doc["tokens_shape"]), dtype=np.float32)  # (N, S, Dt)
                     read_rows_for(self.backend, live, TOKENS_ARRAY, tokens)
-            except StoreCorruptError:
-                # A compaction that finished after the snapshot removes its old segments: read
-                # the new one. Damage is reported the second time.
-                if attempt == 0 and any(not self.backend.exists(s.key) for s in live.segments):
+            except (StoreCorruptError, FileNotFoundError):
+                # A compaction or part merge that finished after the snapshot removes what it
+                # replaced: read the new files. Damage is reported the second time.
+                if attempt == 0:
                     continue
                 raise
             break

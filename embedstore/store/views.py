@@ -12,8 +12,8 @@ first query costs what DuckDB on the raw Parquet costs. Views:
     failures    every failure record
 
 A set whose parts are in study_id order and do not overlap (`Snapshot.ordered_segments`) needs
-no window for supersession or ``row``: its branch is a plain scan with ``row = base +
-array_row``. Any other set's branch ranks its rows with two window functions.
+no window for supersession or ``row``: each part is a plain scan with ``row = base +
+file_row_number``. Any other set's branch ranks its rows with two window functions.
 """
 
 from __future__ import annotations
@@ -79,15 +79,20 @@ def _set_sql(backend: Backend, sd: SetDir, snap: Snapshot) -> tuple[list[str], s
         return [], None
     order = snap.ordered_segments()
     if order is not None:
+        # Parts in study_id order, ranges disjoint: a part's rows are rows base .. base + n - 1
+        # of the set, in file order.
         branches, base = [], 0
         for i in order:
-            seg = snap.segments[i]
-            branches.append(
-                f"SELECT study_id, patient_id, {mod} AS modality, {key} AS encoder_key, "
-                f"content_hash, cache_key, CAST(array_row + {base} AS BIGINT) AS row, created_at "
-                f"FROM read_parquet({_files(backend, [p.key for p in seg.parts])})"
-            )
-            base += seg.rows
+            for p in snap.segments[i].parts:
+                if not p.rows:
+                    continue
+                branches.append(
+                    f"SELECT study_id, patient_id, {mod} AS modality, {key} AS encoder_key, "
+                    f"content_hash, cache_key, CAST(file_row_number + {base} AS BIGINT) AS row, "
+                    f"created_at FROM read_parquet({q(backend.local_path(p.key))}, "
+                    "file_row_number = true)"
+                )
+                base += p.rows
         return commits, " UNION ALL ".join(branches)
     rows = " UNION ALL ".join(commits)
     emb = (

@@ -30,7 +30,7 @@ from embedstore.errors import ConfigError, StoreFormatError, StoreLockedError
 from embedstore.store._arrow import strings, table
 from embedstore.store._faults import PutFaults, fault_point
 from embedstore.store._zarr import RowArray, chunk_rows_for, sweep_partials
-from embedstore.store.commitlog import CommitRecord, PartLog, failure_table
+from embedstore.store.commitlog import CommitRecord, PartLog, failure_table, merge_parts
 from embedstore.store.format import (
     COMMITS_DIR,
     DTYPES,
@@ -66,6 +66,9 @@ _FLUSH_TARGET_BYTES = 32 << 20
 _WRITE_THREADS = 4  # chunk files written (and fsync'ed) at once
 _CHUNK_FAULTS = PutFaults(before_publish="mid_chunk_write")
 _SCAN_BATCH = 65536
+# Sorting a segment's metadata at close holds all of it in memory (~250 B a row): above this
+# many rows the parts are left as written and readers sort.
+_SORT_MAX_ROWS = 2_000_000
 
 
 def _chunk_rows(row_elems: int, dtype: np.dtype) -> int:
@@ -207,6 +210,7 @@ class StoreWriter:
             if not self._broken:
                 self.flush()
                 self._finalise()
+                self._tidy_parts()
         finally:
             for ex in (self._committer, self._pool):
                 if ex is not None:
@@ -631,6 +635,17 @@ class StoreWriter:
         self._arr.resize(self._n_rows)
         if self._tok is not None:
             self._tok.resize(self._n_rows)
+
+    def _tidy_parts(self) -> None:
+        """A finished segment written out of study_id order gets its commit parts merged into
+        one part in study_id order (readers then need no sort); one with more than
+        ``max_parts`` parts gets them merged. Crash-safe (commitlog.merge_parts)."""
+        if self._arr is None:
+            return
+        seg = self._set.segment(self.segment_name)
+        unsorted = not seg.ordered() and seg.rows <= _SORT_MAX_ROWS
+        if len(seg.parts) > 1 and (unsorted or len(seg.parts) > self.store.config["max_parts"]):
+            merge_parts(self.backend, seg.commits_key, sort=unsorted)
 
     def _maintain(self) -> None:
         """Automatic compaction (maintenance.auto_compact) under the whole-store lock, taken
