@@ -52,49 +52,63 @@ def _hex(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def generate(work: Path, n: int, dtype: str = "float32") -> None:
-    """x.npy (N, D), rows.parquet (ids, realistic random sha256 keys), manifest.parquet, perm.npy."""
+    """x.npy (N, D), rows.parquet (ids, realistic random sha256 keys), manifest.parquet, perm.npy,
+    and the ids two appends add; written in blocks, so 10^7 rows fit in memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(n)
+    block = 1 << 20
     x = np.lib.format.open_memmap(work / "x.npy", mode="w+", dtype=dtype, shape=(n, D))
     for a in range(0, n, 1 << 16):
         b = min(n, a + (1 << 16))
         x[a:b] = rng.standard_normal((b - a, D), dtype=np.float32)
     x.flush()
     del x
-    ids = [f"S{i:08d}" for i in range(n)]
-    pq.write_table(pa.table({
-        "study_id": ids,
-        "patient_id": [f"P{i // 2:08d}" for i in range(n)],
-        "cache_key": _hex(rng, n),
-        "content_hash": _hex(rng, n),
-        "source_sig": _hex(rng, n),
-    }), work / "rows.parquet")
     n_pat = -(-n // 2)
-    pat = np.arange(n) // 2
-    pq.write_table(pa.table({
-        "patient_id": [f"P{i // 2:08d}" for i in range(n)],
-        "study_id": ids,
-        "modality": ["CXR"] * n,
-        "path": [f"img/{s}" for s in ids],
-        "acquired_at": pa.array(1_700_000_000_000_000 + np.arange(n, dtype=np.int64) * 1000,
-                                pa.timestamp("us")),
-        "label_pe": pa.array(rng.integers(0, 2, n), pa.int8()),
-        "split": rng.choice(np.array(["train", "val", "test"]), n_pat, p=[0.6, 0.15, 0.25])[pat],
-        "site": rng.choice(np.array(["A", "B", "C", "D"]), n_pat)[pat],
-        "age": rng.integers(18, 95, n_pat)[pat],
-    }), work / "manifest.parquet")
+    split = rng.choice(np.array(["train", "val", "test"]), n_pat, p=[0.6, 0.15, 0.25])
+    site = rng.choice(np.array(["A", "B", "C", "D"]), n_pat)
+    age = rng.integers(18, 95, n_pat)
+    rows_w = man_w = None
+    try:
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            idx = np.arange(a, b)
+            ids = [f"S{i:08d}" for i in idx]
+            pids = [f"P{i // 2:08d}" for i in idx]
+            rows = pa.table({"study_id": ids, "patient_id": pids, "cache_key": _hex(rng, b - a),
+                             "content_hash": _hex(rng, b - a), "source_sig": _hex(rng, b - a)})
+            man = pa.table({
+                "patient_id": pids, "study_id": ids, "modality": ["CXR"] * (b - a),
+                "path": [f"img/{s}" for s in ids],
+                "acquired_at": pa.array(1_700_000_000_000_000 + idx * 1000, pa.timestamp("us")),
+                "label_pe": pa.array(rng.integers(0, 2, b - a), pa.int8()),
+                "split": split[idx // 2], "site": site[idx // 2], "age": age[idx // 2],
+            })
+            if rows_w is None:
+                rows_w = pq.ParquetWriter(work / "rows.parquet", rows.schema)
+                man_w = pq.ParquetWriter(work / "manifest.parquet", man.schema)
+            rows_w.write_table(rows)
+            man_w.write_table(man)
+    finally:
+        for w in (rows_w, man_w):
+            if w is not None:
+                w.close()
     np.save(work / "perm.npy", rng.permutation(n))
     new = 100  # the studies an append adds (not in the store)
-    pq.write_table(pa.table({
-        "study_id": [f"S{n + i:08d}" for i in range(new)],
-        "patient_id": [f"P{(n + i) // 2:08d}" for i in range(new)],
-        "cache_key": _hex(rng, new),
-        "content_hash": _hex(rng, new),
-        "source_sig": _hex(rng, new),
-    }), work / "new_rows.parquet")
+    for name, ids_new in (
+        ("new_rows.parquet", [f"S{n + i:08d}" for i in range(new)]),  # after every stored id
+        # between stored ids: no part can be skipped by its id range
+        ("new_rows_inside.parquet", [f"S{i:08d}x" for i in sorted(rng.choice(n, new, False))]),
+    ):
+        pq.write_table(pa.table({
+            "study_id": ids_new,
+            "patient_id": [f"Q{i:08d}" for i in range(new)],
+            "cache_key": _hex(rng, new),
+            "content_hash": _hex(rng, new),
+            "source_sig": _hex(rng, new),
+        }), work / name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,36 +144,45 @@ def case_write(work: Path, arg: str) -> dict:
     name, order, mode, *rest = arg.split(":")
     dtype = rest[0] if rest else "float32"
     x = np.load(work / "x.npy", mmap_mode="r")
-    rows = pq.read_table(work / "rows.parquet")
-    cols = {c: rows[c].to_pylist() for c in rows.column_names}
-    idx = np.load(work / "perm.npy") if order == "shuffled" else np.arange(len(x))
-    n = len(idx)
+    n = len(x)
     store_dir = work / name
     shutil.rmtree(store_dir, ignore_errors=True)
     s = open_store(store_dir, create=True)
     s.attach_manifest(pq.read_table(work / "manifest.parquet"))
-    # Batches in the order written, prepared before the clock starts (an encoder's output).
-    batches = []
-    for a in range(0, n, BATCH):
-        sel = idx[a : a + BATCH]
-        vec = np.ascontiguousarray(x[np.sort(sel)] if order == "inorder" else x[sel])
-        batches.append((sel, vec))
+    stream = n > 2_000_000  # 10^7: read the inputs while writing (they do not fit in memory)
+
+    def batches():
+        if stream:
+            pf = pq.ParquetFile(work / "rows.parquet")
+            a = 0
+            for rb in pf.iter_batches(batch_size=BATCH):
+                c = rb.to_pydict()
+                yield c, np.ascontiguousarray(x[a : a + rb.num_rows])
+                a += rb.num_rows
+            return
+        rows = pq.read_table(work / "rows.parquet")
+        cols = {c: rows[c].to_pylist() for c in rows.column_names}
+        idx = np.load(work / "perm.npy") if order == "shuffled" else np.arange(n)
+        for a in range(0, n, BATCH):
+            sel = idx[a : a + BATCH]
+            yield ({k: [v[i] for i in sel] for k, v in cols.items()},
+                   np.ascontiguousarray(x[np.sort(sel)] if order == "inorder" else x[sel]))
+
+    # Small sizes: batches prepared before the clock starts (an encoder's output).
+    prepared = None if stream else list(batches())
     t = time.perf_counter()
     s = open_store(store_dir)
     with s.writer("CXR", "bench", dim=D, spec={"bench": True}, capacity=n, dtype=dtype) as w:
-        for sel, vec in batches:
-            sid = [cols["study_id"][i] for i in sel]
-            pid = [cols["patient_id"][i] for i in sel]
-            key = [cols["cache_key"][i] for i in sel]
-            hsh = [cols["content_hash"][i] for i in sel]
-            sig = [cols["source_sig"][i] for i in sel]
+        for c, vec in (batches() if stream else prepared):
             if mode == "many":
-                w.add_many(study_ids=sid, patient_ids=pid, cache_keys=key, content_hashes=hsh,
-                           source_sigs=sig, vectors=vec)
+                w.add_many(study_ids=c["study_id"], patient_ids=c["patient_id"],
+                           cache_keys=c["cache_key"], content_hashes=c["content_hash"],
+                           source_sigs=c["source_sig"], vectors=vec)
             else:
-                for j in range(len(sel)):
-                    w.add(study_id=sid[j], patient_id=pid[j], cache_key=key[j],
-                          content_hash=hsh[j], source_sig=sig[j], vector=vec[j])
+                for j in range(len(vec)):
+                    w.add(study_id=c["study_id"][j], patient_id=c["patient_id"][j],
+                          cache_key=c["cache_key"][j], content_hash=c["content_hash"][j],
+                          source_sig=c["source_sig"][j], vector=vec[j])
     dt = time.perf_counter() - t
     return {"s": dt, "bytes": n * D * np.dtype(dtype).itemsize}
 
@@ -182,6 +205,7 @@ def case_load(work: Path, arg: str) -> dict:
 
 
 def case_load_where(work: Path, arg: str) -> dict:
+    import embedstore.catalog  # noqa: F401 - imports (DuckDB) outside the clock
     from embedstore.store import open_store
 
     name, _, where = arg.partition(":")
@@ -206,6 +230,7 @@ def case_mmap_where(work: Path, arg: str) -> dict:
 
 
 def case_query(work: Path, arg: str) -> dict:
+    import embedstore.catalog  # noqa: F401 - imports (DuckDB) outside the clock, as for the baseline
     from embedstore.store import open_store
 
     t = time.perf_counter()
@@ -232,7 +257,9 @@ def case_append(work: Path, arg: str) -> dict:
 
     from embedstore.store import open_store
 
-    new = pq.read_table(work / "new_rows.parquet").to_pylist()
+    arg, _, where = arg.partition(":")
+    new = pq.read_table(work / ("new_rows_inside.parquet" if where == "inside"
+                                else "new_rows.parquet")).to_pylist()
     vec = np.random.default_rng(7).standard_normal((len(new), D)).astype(np.float32)
     ids = [r["study_id"] for r in new]
     t = time.perf_counter()
@@ -396,6 +423,7 @@ def scale_at(work: Path, n: int, reps: int, log: Callable[[str], None]) -> dict:
     r["append_empty"] = median_case("append", work, "empty", reps, drop_segment("empty"))
     r["append"] = median_case("append", work, "inorder", reps, drop_segment("inorder"))
     r["append_shuffled"] = median_case("append", work, "shuffled", reps, drop_segment("shuffled"))
+    r["append_inside"] = median_case("append", work, "inorder:inside", reps, drop_segment("inorder"))
     shutil.rmtree(work / "empty", ignore_errors=True)
     r["read_crc"] = median_case("read_crc", work, "inorder", reps)
     r["verify"] = median_case("verify", work, "inorder", reps)
@@ -427,6 +455,7 @@ def big_check(work: Path, log: Callable[[str], None]) -> dict:
         out[f"write_{name}"] = run_case("write", work, f"{name}:inorder:many:float16")
         (work / "x.npy").unlink()
         out[f"verify_{name}"] = run_case("verify", work, name)
+        out[f"read_crc_{name}"] = run_case("read_crc", work, name)
         if n == 10**7:
             out["info"] = run_case("info", work, name)
             out["query"] = run_case("query", work, name)
@@ -439,6 +468,151 @@ def big_check(work: Path, log: Callable[[str], None]) -> dict:
                 f.unlink()
         log(f"  {name} done in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+
+
+def _t(s: float) -> str:
+    return f"{s * 1e3:,.0f} ms" if s < 10 else f"{s:,.1f} s"
+
+
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.0f} MB"
+
+
+GROWTH_ROWS = [  # (label, store case, baseline case or None)
+    ("write (add_many, in order)", "write_many", "np_save"),
+    ("write (add_many, shuffled order)", "write_shuffled", "np_save"),
+    ("write (add per row)", "write_add", "np_save"),
+    ("full load, written in order", "load_inorder", "np_load"),
+    ("full load, written shuffled", "load_shuffled", "np_load"),
+    ("load(where=age = 60), ~1.3 %", "load_where", "mmap_where"),
+    ("load(where=...), shuffled store", "load_where_shuffled", "mmap_where"),
+    ("first cohort query (open + catalog + SQL)", "query", "query_raw"),
+    ("first cohort query, shuffled store", "query_shuffled", "query_raw"),
+    ("open + sets() (counts)", "info", None),
+    ("append 100 rows (new ids after the range)", "append", "append_empty"),
+    ("append 100 rows (new ids inside the range)", "append_inside", "append_empty"),
+    ("verify", "verify", "read_crc"),
+]
+BASELINE_NAMES = {
+    "np_save": "np.save + fsync", "np_load": "np.load", "mmap_where": "np.load(mmap)[rows]",
+    "query_raw": "DuckDB on raw Parquet", "append_empty": "same on an empty store",
+    "read_crc": "read + CRC-32 of the chunk files",
+}
+
+
+def goals(r: dict) -> list[tuple[str, str, str, bool]]:
+    """(goal, measured, target, met) at the largest size measured."""
+    vec = r["bytes"]["vectors"]
+    thr = r["np_save"]["s"] / r["write_many"]["s"]
+    out = [("write throughput vs np.save + fsync", f"{thr:.2f}x", ">= 0.5x", thr >= 0.5)]
+    for key, what in (("load_inorder", "in order"), ("load_shuffled", "shuffled")):
+        sp = r["np_load"]["s"] / r[key]["s"]
+        rss = r[key]["rss"] / vec
+        out.append((f"full load ({what}) speed vs np.load", f"{sp:.2f}x", ">= 0.8x", sp >= 0.8))
+        out.append((f"full load ({what}) peak RSS / array", f"{rss:.3f}x", "<= 1.1x", rss <= 1.1))
+    q = r["query"]["s"] / r["query_raw"]["s"]
+    out.append(("first cohort query time vs DuckDB on raw Parquet", f"{q:.2f}x", "<= 2x", q <= 2))
+    out.append(("first cohort query peak RSS", _gb(r["query"]["rss"]), "<= 0.5 GB",
+                r["query"]["rss"] <= 0.5e9))
+    for key, what in (("append", "after the range"), ("append_inside", "inside the range")):
+        a = r[key]["s"] / r["append_empty"]["s"]
+        out.append((f"append 100 rows ({what}) vs empty store", f"{a:.2f}x", "<= 2x", a <= 2))
+    m = r["bytes"]["metadata"] / vec
+    out.append(("metadata on disk / vector bytes", f"{m:.1%}", "<= 10 %", m <= 0.10))
+    v = r["verify"]["s"] / r["read_crc"]["s"]
+    out.append(("verify vs read + CRC of the same bytes", f"{v:.2f}x", "<= 1.5x", v <= 1.5))
+    return out
+
+
+def render(results: dict[int, dict], reps: int, big: dict | None, quick: bool) -> str:
+    sizes = sorted(results)
+    top = results[sizes[-1]]
+    lines = [
+        "## Embedding store at scale" + (" (quick run: small sizes)" if quick else ""),
+        "",
+        f"Rows x {D} float32 with realistic metadata (random sha256 cache keys, content hashes and "
+        "source signatures). Every case runs in a fresh subprocess (imports outside the clock, "
+        "on both sides); time is the median of "
+        f"{reps} runs, peak RSS is the process's VmHWM at its end (ru_maxrss would carry the "
+        "driver's RSS across fork + exec). Page cache warm. Command: `python -m "
+        "benchmarks.bench_store --scale-only` (part of `make bench`).",
+        "",
+        f"### Goals at {sizes[-1]:,} rows (issue 14)",
+        "",
+        "| goal | measured | target | met |",
+        "|---|---|---|---|",
+    ]
+    for g, m, t, ok in goals(top):
+        lines.append(f"| {g} | {m} | {t} | {'yes' if ok else '**no**'} |")
+    lines += ["", "### Growth: time / peak RSS (baseline in the same run)", "",
+              "| operation | " + " | ".join(f"{n:,} rows" for n in sizes) + " | baseline |",
+              "|---|" + "---|" * len(sizes) + "---|"]
+    for label, case, base in GROWTH_ROWS:
+        cells = []
+        for n in sizes:
+            rr = results[n]
+            if case not in rr:
+                cells.append("-")
+                continue
+            c = f"{_t(rr[case]['s'])} / {_gb(rr[case]['rss'])}"
+            if base:
+                c += f" (vs {_t(rr[base]['s'])} / {_gb(rr[base]['rss'])})"
+            cells.append(c)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {BASELINE_NAMES.get(base, '-')} |")
+    cells = []
+    for n in sizes:
+        b = results[n]["bytes"]
+        cells.append(f"{_gb(b['metadata'])} ({b['metadata'] / b['vectors']:.1%})")
+    lines.append("| metadata on disk (share of vectors) | " + " | ".join(cells) + " | - |")
+    if big:
+        v6, v7 = big["verify_f16-1m"]["s"], big["verify_f16-10m"]["s"]
+        lines += [
+            "", "### 10^7 rows x 512 float16 (generated, ~10 GB of vectors)", "",
+            "| check | measured | target | met |", "|---|---|---|---|",
+            f"| write 10^7 rows (add_many, in order) | {_t(big['write_f16-10m']['s'])} | - | - |",
+            f"| open + sets() | {_t(big['info']['s'])} / {_gb(big['info']['rss'])} | "
+            f"within 0.5 GB | {'yes' if big['info']['rss'] <= 0.5e9 else '**no**'} |",
+            f"| first cohort query | {_t(big['query']['s'])} / {_gb(big['query']['rss'])} | "
+            f"within 0.5 GB | {'yes' if big['query']['rss'] <= 0.5e9 else '**no**'} |",
+            f"| load a {big['load_cohort']['rows']:,}-row cohort (where age = 60) | "
+            f"{_t(big['load_cohort']['s'])} / {_gb(big['load_cohort']['rss'])} "
+            f"({_gb(big['load_cohort']['bytes'])} of vectors) | within 0.5 GB + the cohort | "
+            f"{'yes' if big['load_cohort']['rss'] <= 0.5e9 + big['load_cohort']['bytes'] else '**no**'} |",
+            f"| verify 10^7 vs 10^6 (float16) | {_t(v7)} vs {_t(v6)}: {v7 / v6:.1f}x | <= 12x | "
+            f"{'yes' if v7 / v6 <= 12 else '**no**'} |",
+            f"| verify / (read + CRC) at 10^6 and 10^7 | "
+            f"{v6 / big['read_crc_f16-1m']['s']:.2f}x and {v7 / big['read_crc_f16-10m']['s']:.2f}x"
+            " | (info: the 10^7 chunks do not fit in the page cache) | - |",
+            f"| metadata on disk | {_gb(big['bytes']['metadata'])} "
+            f"({big['bytes']['metadata'] / big['bytes']['chunks']:.1%} of the chunks) | - | - |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def run_scale(quick: bool = False, big: bool = False, log: Callable[[str], None] = print) -> str:
+    sizes = (1_000, 10_000) if quick else (10_000, 100_000, 1_000_000)
+    reps = 1 if quick else 3
+    base = Path(os.environ.get("BENCH_TMP") or "/tmp")
+    work = Path(__import__("tempfile").mkdtemp(prefix="bench-store-scale-", dir=base))
+    try:
+        results = {}
+        for n in sizes:
+            log(f"store scale: {n:,} rows")
+            results[n] = scale_at(work / f"n{n}", n, reps, log)
+        big_r = None
+        if big:
+            log("store scale: 10^7 float16 check")
+            big_r = big_check(work / "big", log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "store_scale.json").write_text(
+        json.dumps({"sizes": results, "big": big_r}, indent=1, default=str))
+    return render(results, reps, big_r, quick)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,18 @@ _MAX_CHUNK_ROWS = 16384
 # are read run by run, so a load never reads more than ~1/0.85 = 1.18x the bytes it returns.
 _DENSE = 0.85
 _PIECE_ROWS_BYTES = 1 << 19  # scatter reads go through a ~512 KiB scratch buffer (cache-sized)
+_PARALLEL_BYTES = 32 << 20  # loads at least this large read with _READ_THREADS threads
+_READ_THREADS = 2
+_POOL: ThreadPoolExecutor | None = None
+_POOL_GUARD = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_GUARD:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="embedstore-read")
+        return _POOL
 
 
 def chunk_rows_for(row_bytes: int) -> int:
@@ -258,11 +272,9 @@ class RowArray:
             out[pos] = self._zarr_rows(lo, hi)[rows - lo]
             return (hi - lo) * self.row_bytes
         rb, cr = self.row_bytes, self.chunk_rows
-        _PIECE_ROWS = max(1, _PIECE_ROWS_BYTES // rb)  # noqa: N806 - a per-array constant
+        piece_rows = max(1, _PIECE_ROWS_BYTES // rb)
         direct = out.dtype == self.dtype and out.flags.c_contiguous
         out_bytes = memoryview(out.reshape(out.shape[0], -1).view(np.uint8)).cast("B") if direct else None
-        scratch: np.ndarray | None = None
-        read = 0
         # Split into runs of rows that are consecutive in the file and lie in one chunk.
         brk = np.flatnonzero((np.diff(rows) != 1) | (np.diff(rows // cr) != 0)) + 1
         starts = np.concatenate(([0], brk))
@@ -281,22 +293,26 @@ class RowArray:
             spans.append((a, b))
             if k < starts.size:
                 a = int(starts[k])
-        for a, b in spans:
+        local = threading.local()
+
+        def do_span(span: tuple[int, int]) -> int:
+            a, b = span
             r0, r1 = int(rows[a]), int(rows[b - 1]) + 1
             ci = r0 // cr
             p = pos[a:b]
             n = r1 - r0
-            read += n * rb
             if direct and n == b - a and int(p[-1]) - int(p[0]) + 1 == n and (np.diff(p) == 1).all():
                 p0 = int(p[0])
                 self._read_span(ci, r0 - ci * cr, r1 - ci * cr, out_bytes[p0 * rb : (p0 + n) * rb])
-                continue
-            # Through a scratch buffer, a cache-sized piece at a time: read, then scatter.
+                return n * rb
+            # Through a scratch buffer (one per thread), a cache-sized piece at a time.
+            scratch = getattr(local, "scratch", None)
             if scratch is None:
-                scratch = np.empty((min(cr, _PIECE_ROWS), *self.row_shape), dtype=self.dtype)
+                scratch = local.scratch = np.empty((min(cr, piece_rows), *self.row_shape),
+                                                   dtype=self.dtype)
             want = rows[a:b] - r0  # (k,) rows of the span wanted, ascending
-            for q0 in range(0, n, _PIECE_ROWS):
-                q1 = min(n, q0 + _PIECE_ROWS)
+            for q0 in range(0, n, piece_rows):
+                q1 = min(n, q0 + piece_rows)
                 i0, i1 = np.searchsorted(want, [q0, q1])
                 if i0 == i1:
                     continue
@@ -307,6 +323,14 @@ class RowArray:
                     out[p[i0:i1]] = buf
                 else:
                     out[p[i0:i1]] = buf[want[i0:i1] - q0]
+            return n * rb
+
+        # Spans touch disjoint rows of ``out``: large loads read them two at a time (reads from
+        # the page cache release the GIL; measured ~1.6x here over one thread).
+        if rows.size * rb >= _PARALLEL_BYTES and len(spans) > 1:
+            read = sum(_pool().map(do_span, spans))
+        else:
+            read = sum(map(do_span, spans))
         return read
 
 

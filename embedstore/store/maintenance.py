@@ -171,7 +171,7 @@ def verify(store: Store) -> VerifyReport:
         except StoreCorruptError as e:
             problems.append(Problem("failure_part_unreadable", prefix, str(e)))
     sets = set_dirs(backend)
-    with ThreadPoolExecutor(1, thread_name_prefix="embedstore-verify") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="embedstore-verify") as pool:
         for sd in sets:
             try:
                 doc = sd.doc()
@@ -239,6 +239,8 @@ def _verify_segment(backend, sd, name, dim, dtype, tshape, manifest, problems, p
                                     "commit records do not name rows 0..n-1 once each"))
             return n
         sids = sids.take(from_np(order))  # in array order from here on
+    # The manifest check (pyarrow, without the GIL) runs beside the chunk checks.
+    membership = None if manifest is None else pool.submit(_membership, sd, key, sids, manifest)
     checks = [(EMBEDDINGS_ARRAY, (dim,), "crc32")]
     if tshape:
         checks.append((TOKENS_ARRAY, tshape, "tokens_crc32"))
@@ -264,27 +266,28 @@ def _verify_segment(backend, sd, name, dim, dtype, tshape, manifest, problems, p
         crc_np = np_of(crc, np.uint32, null=0)
         has_crc = np_of(crc.is_valid())
         _verify_array(arr, n, crc_np, has_crc, sids, problems, pool)
-    if manifest is not None:
-        _verify_membership(sd, key, sids, manifest, problems)
+    if membership is not None:
+        problems.extend(membership.result())
     return n
 
 
 def _verify_array(arr: RowArray, n: int, crc: np.ndarray, has_crc: np.ndarray, sids: pa.Array,
                   problems: list[Problem], pool: ThreadPoolExecutor) -> None:
-    """Each chunk read once (the next one in a thread, which also CRCs it whole); a full chunk
-    whose CRC equals the combination of its rows' commit CRCs has every row intact (_crc.py),
-    any other chunk is checked row by row."""
+    """Each chunk read once, by the pool's threads, which also CRC it whole; a full chunk whose
+    CRC equals the combination of its rows' commit CRCs holds exactly the committed bytes
+    (_crc.py). Any other chunk is checked row by row: checksum, NaN/inf, all fill value."""
     cr, rb = arr.chunk_rows, arr.row_bytes
     n_chunks = -(-n // cr)
     full = n // cr
     expect = None
     if full and has_crc[: full * cr].all():
         expect = combine_rows(crc[: full * cr].reshape(full, cr), rb)  # (full,) chunk CRCs
-    bufs = [np.empty((cr, *arr.row_shape), dtype=arr.dtype) for _ in range(2)]
+    depth = 3  # chunks in flight: read and CRC'd by the pool's threads while this one checks
+    bufs = [np.empty((cr, *arr.row_shape), dtype=arr.dtype) for _ in range(depth + 1)]
 
     def read(c: int):
         lo, hi = c * cr, min(n, (c + 1) * cr)
-        buf = bufs[c % 2][: hi - lo]
+        buf = bufs[c % (depth + 1)][: hi - lo]
         try:
             if arr.fast:
                 size = arr.backend.size(arr.chunk_key(c))
@@ -295,10 +298,11 @@ def _verify_array(arr: RowArray, n: int, crc: np.ndarray, has_crc: np.ndarray, s
             return e, None
         return buf, zlib.crc32(buf)
 
-    pending = pool.submit(read, 0) if n_chunks else None
+    pending = [pool.submit(read, c) for c in range(min(depth, n_chunks))]
     for c in range(n_chunks):
-        got, whole = pending.result()
-        pending = pool.submit(read, c + 1) if c + 1 < n_chunks else None
+        got, whole = pending.pop(0).result()
+        if c + depth < n_chunks:
+            pending.append(pool.submit(read, c + depth))
         lo, hi = c * cr, min(n, (c + 1) * cr)
         if isinstance(got, BaseException):
             problems.append(Problem("chunk_unreadable", arr.chunk_key(c),
@@ -307,7 +311,8 @@ def _verify_array(arr: RowArray, n: int, crc: np.ndarray, has_crc: np.ndarray, s
             continue
         flat = got.reshape(hi - lo, -1)  # (rows, elems)
         if expect is not None and c < full and whole == int(expect[c]):
-            bad_crc = np.zeros(hi - lo, dtype=bool)
+            # Every row is the bytes its writer committed, which were checked finite then.
+            continue
         else:  # a partial chunk, or a mismatch to locate: row by row
             mv = memoryview(flat.view(np.uint8)).cast("B")
             row_crc = np.fromiter((zlib.crc32(mv[k * rb : (k + 1) * rb]) for k in range(hi - lo)),
@@ -330,8 +335,8 @@ def _verify_array(arr: RowArray, n: int, crc: np.ndarray, has_crc: np.ndarray, s
                                         study_id=sid))
 
 
-def _verify_membership(sd: SetDir, key: str, sids: pa.Array, manifest: pa.Table,
-                       problems: list[Problem]) -> None:
+def _membership(sd: SetDir, key: str, sids: pa.Array, manifest: pa.Table) -> list[Problem]:
+    problems: list[Problem] = []
     ids = manifest["study_id"].combine_chunks()
     pos = pc.index_in(sids, value_set=ids)
     missing = pc.unique(sids.filter(pc.is_null(pos)))
@@ -349,6 +354,7 @@ def _verify_membership(sd: SetDir, key: str, sids: pa.Array, manifest: pa.Table,
             problems.append(Problem("modality_mismatch", key,
                                     f"manifest says {mod}, stored under {sd.modality}",
                                     study_id=sid))
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------
