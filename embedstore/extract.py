@@ -30,7 +30,12 @@ import torch
 from embedstore import _decode
 from embedstore.errors import ConfigError, EmbedstoreError
 from embedstore.manifest import Manifest, load_manifest
-from embedstore.models.encoders import FrozenEncoder, create_encoder
+from embedstore.models.encoders import (
+    FrozenEncoder,
+    create_encoder,
+    get_encoder_spec,
+    list_encoders,
+)
 from embedstore.preprocess import PreprocessSpec
 from embedstore.store import Store, make_cache_key, open_store
 
@@ -41,8 +46,8 @@ __all__ = [
     "cache_key",
     "encoder_store_key",
     "default_encoder",
+    "registered_encoders",
     "parse_shard",
-    "run_extract",
 ]
 
 DEFAULT_ENCODERS = {"CXR": "demo-cxr", "CTPA": "demo-ctpa"}
@@ -50,6 +55,15 @@ DEFAULT_ENCODERS = {"CXR": "demo-cxr", "CTPA": "demo-ctpa"}
 
 def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[_modality(modality)]
+
+
+def registered_encoders() -> list[dict[str, Any]]:
+    """Name, family and params of every registered encoder, sorted by name."""
+    rows = []
+    for name in list_encoders():
+        spec = get_encoder_spec(name)
+        rows.append({"name": name, "family": spec.family, "params": spec.to_dict().get("params", {})})
+    return rows
 
 
 def _modality(m: str) -> str:
@@ -108,7 +122,6 @@ class ExtractConfig:
     shard: tuple[int, int] | None = None
     strict: bool = False
     max_in_flight: int | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality", _modality(self.modality))
@@ -212,7 +225,8 @@ def extract(
 ) -> ExtractSummary:
     """Embed every selected study of ``cfg.modality`` into the store; return what happened.
 
-    ``on_progress(summary, total)`` is called after each study (the CLI draws a progress bar).
+    ``on_progress(summary, total)`` is called after each study (the CLI draws a progress bar
+    from it); ``summary`` is the live ``ExtractSummary``, ``total`` the number selected.
     A failure of one study is recorded in the store's failures table and extraction goes on,
     unless ``cfg.strict``, which stops at the first failure (after committing what is done).
     """
@@ -375,37 +389,3 @@ def _run_pipeline(
         executor.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
         w.flush()
-
-
-def run_extract(
-    store_path: str | os.PathLike[str], manifest_path: str | os.PathLike[str], cfg: ExtractConfig
-) -> ExtractSummary:
-    """``extract`` with a rich progress bar and a final summary line (what the CLI calls)."""
-    from embedstore.progress import err_console, progress_bar
-
-    with progress_bar(f"extract {cfg.modality}", None, enabled=cfg.progress) as bar:
-
-        def on_progress(s: ExtractSummary, total: int) -> None:
-            bar.update(s.done + s.cached + s.failed, total=total,
-                       info=f"new {s.done} cached {s.cached} failed {s.failed}")
-
-        summary = extract(store_path, manifest_path, cfg, on_progress=on_progress)
-    if cfg.progress:
-        err_console.print(summary_line(summary), markup=False)
-    return summary
-
-
-def summary_line(s: ExtractSummary) -> str:
-    parts = [f"{s.modality} [{s.encoder_key}]: {s.selected} selected, {s.done} embedded"]
-    if s.done:
-        parts[-1] += f" ({s.items_per_s:.1f}/s)"
-    parts.append(f"{s.cached} cached" + (" (nothing to do)" if s.cached == s.selected else ""))
-    if s.failed:
-        reasons = ", ".join(f"{k} x{v}" for k, v in sorted(s.failures_by_reason.items()))
-        parts.append(f"{s.failed} FAILED ({reasons}; see `embedstore query STORE "
-                     f"\"SELECT * FROM failures\"`)")
-    else:
-        parts.append("0 failed")
-    if s.interrupted:
-        parts.append("INTERRUPTED: re-run to resume")
-    return "; ".join(parts) + f" in {s.seconds:.1f} s."
