@@ -1,4 +1,4 @@
-"""Writing the synthetic cohort as real DICOM (private; with embedstore/dicom.py the only pydicom user).
+"""Writing the synthetic cohort as real DICOM (private; with embedstore/dicom/ the only pydicom user).
 
 Only synthetic identifiers ever reach these files: :class:`SyntheticPatient` refuses any patient
 id that is not of the ``SYN-`` form. UIDs come from ``pydicom.uid.generate_uid`` with a
@@ -257,7 +257,7 @@ def write_radiograph(
 def read_ct_series_hu(folder: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Read back a series this module wrote: (S, H, W) float32 HU sorted by z, and the z's (S,).
 
-    A minimal reader for previews and tests; the general reader with validation is dicom.py.
+    A minimal reader for previews and tests; the general reader with validation is embedstore.dicom.
     """
     slices = []
     for p in sorted(Path(folder).glob("*.dcm")):

@@ -9,9 +9,15 @@ never contain patient-identifying DICOM values.
 
 from __future__ import annotations
 
-# models/ is pure torch and may not import embedstore, so its errors have their own root;
-# they are re-exported here and the CLI treats both roots as user errors.
-from embedstore.models.errors import CheckpointError, EncoderError, ModelError, UnknownEncoderError
+# The root is defined in the lowest layer (models/ never imports the rest of embedstore) and
+# re-exported here, so one ``except EmbedstoreError`` catches every error the project raises.
+from embedstore.models.errors import (
+    CheckpointError,
+    EmbedstoreError,
+    EncoderError,
+    ModelError,
+    UnknownEncoderError,
+)
 
 __all__ = [
     "EmbedstoreError",
@@ -31,23 +37,8 @@ __all__ = [
     "USER_ERRORS",
     "RunNotFoundError",
     "IncompatibleRunError",
-    "IndexError_",
+    "FaissIndexError",
 ]
-
-
-class EmbedstoreError(Exception):
-    """Root of every error embedstore raises on purpose."""
-
-    reason: str = "error"
-
-    def __init__(self, message: str, *, reason: str | None = None):
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-    @property
-    def message(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class ConfigError(EmbedstoreError, ValueError):
@@ -96,11 +87,11 @@ class IncompatibleRunError(EmbedstoreError, ValueError):
     reason = "incompatible_run"
 
 
-class IndexError_(EmbedstoreError, RuntimeError):
-    """A FAISS index problem (named with a trailing underscore to avoid the builtin)."""
+class FaissIndexError(EmbedstoreError, RuntimeError):
+    """A FAISS index problem: missing, corrupt, of another format, or asked for a bad k."""
 
     reason = "index_error"
 
 
 #: Everything the CLI reports as ``Error: <message>`` with exit code 1 (never a traceback).
-USER_ERRORS: tuple[type[Exception], ...] = (EmbedstoreError, ModelError)
+USER_ERRORS: tuple[type[Exception], ...] = (EmbedstoreError,)

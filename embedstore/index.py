@@ -26,7 +26,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from embedstore.errors import ConfigError, IndexError_
+from embedstore.errors import ConfigError, FaissIndexError
 
 __all__ = [
     "INDEX_SCHEMA_VERSION",
@@ -130,7 +130,7 @@ def _resolve_gpu(use_gpu: bool | str) -> bool:
         return _gpu_available()
     if use_gpu is True:
         if not _gpu_available():
-            raise IndexError_(
+            raise FaissIndexError(
                 "use_gpu=True but FAISS sees no GPU (faiss-cpu installed or no CUDA device); "
                 "install faiss-gpu instead of faiss-cpu, or pass use_gpu='auto'.",
                 reason="no_gpu",
@@ -202,7 +202,7 @@ class EmbeddingIndex:
         """(scores (Q, k) float32, positions (Q, k) int64), best first. Scores are cosine
         similarities for metric 'ip' with normalize=True, squared L2 distances for 'l2'."""
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
-            raise IndexError_(
+            raise FaissIndexError(
                 f"k must be an integer between 1 and the index size {self.ntotal}, got {k!r}.",
                 reason="bad_k",
             )
@@ -421,13 +421,13 @@ def load_index(
 ) -> EmbeddingIndex:
     """Load and verify an index: sidecar schema, file sha256, source checksum, size and dim.
 
-    Raises IndexError_ with reason ``index_missing``, ``index_corrupt``, ``index_format`` or
+    Raises FaissIndexError with reason ``index_missing``, ``index_corrupt``, ``index_format`` or
     ``index_stale`` (built from other vectors); the fix is always to rebuild from the store."""
     path = Path(path)
     side_p = sidecar_path(path)
     for p in (path, side_p):
         if not p.is_file():
-            raise IndexError_(
+            raise FaissIndexError(
                 f"Index file {p} does not exist; build it with build_index/get_or_build_index.",
                 reason="index_missing",
             )
@@ -437,25 +437,25 @@ def load_index(
         want_sha = side["index_sha256"]
         version = side["schema_version"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise IndexError_(
+        raise FaissIndexError(
             f"Index sidecar {side_p} is unreadable ({type(e).__name__}: {e}); delete it and rebuild.",
             reason="index_corrupt",
         ) from e
     if version != INDEX_SCHEMA_VERSION:
-        raise IndexError_(
+        raise FaissIndexError(
             f"Index {path} has schema version {version!r}, this embedstore reads "
             f"{INDEX_SCHEMA_VERSION}; rebuild it.",
             reason="index_format",
         )
     got_sha = _sha256_file(path)
     if got_sha != want_sha:
-        raise IndexError_(
+        raise FaissIndexError(
             f"Index file {path} is corrupt: sha256 {got_sha[:12]}... does not match the sidecar's "
             f"{str(want_sha)[:12]}...; rebuild it from the store.",
             reason="index_corrupt",
         )
     if side.get("source_checksum") != expected_source_checksum:
-        raise IndexError_(
+        raise FaissIndexError(
             f"Index {path} was built from other vectors (source checksum "
             f"{str(side.get('source_checksum'))[:12]}... != expected {expected_source_checksum[:12]}...); "
             "rebuild it from the current store.",
@@ -464,12 +464,12 @@ def load_index(
     try:
         raw = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
     except RuntimeError as e:
-        raise IndexError_(
+        raise FaissIndexError(
             f"FAISS cannot read {path}: {str(e).splitlines()[0][:200]}; rebuild it.",
             reason="index_corrupt",
         ) from e
     if raw.ntotal != build.get("ntotal") or raw.d != build.get("dim"):
-        raise IndexError_(
+        raise FaissIndexError(
             f"Index {path} holds {raw.ntotal} x {raw.d} vectors but its sidecar says "
             f"{build.get('ntotal')} x {build.get('dim')}; rebuild it.",
             reason="index_corrupt",
@@ -506,14 +506,14 @@ def get_or_build_index(
     """(index, rebuilt): load ``path`` when it verifies against these vectors and ids and was built
     with the requested kind/metric/normalisation; otherwise build, save and return it.
 
-    ``index.rebuild_reason`` says why a rebuild happened (the IndexError_ reason or
+    ``index.rebuild_reason`` says why a rebuild happened (the FaissIndexError reason or
     ``settings_changed``); it is None when the saved index was used."""
     checksum = vectors_checksum(vectors, ids)
     use_gpu = build_kwargs.get("use_gpu", "auto")
     reason: str | None
     try:
         idx = load_index(path, expected_source_checksum=checksum, use_gpu=use_gpu)
-    except IndexError_ as e:
+    except FaissIndexError as e:
         if e.reason == "no_gpu":
             raise
         reason = e.reason

@@ -28,6 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from embedstore.errors import ManifestError
+from embedstore.pseudonym import load_pseudonym_key, pseudonymise
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -383,8 +384,6 @@ def import_paired_csv(
     pseudonyms in every column and the files are reached through ``out_dir/links/``. Rows whose
     files are missing are excluded and counted, never silently dropped.
     """
-    from embedstore.dicom import pseudonymise  # the DICOM layer owns pseudonymisation
-
     src = Path(csv_path)
     if not src.exists():
         raise ManifestError(f"Paired CSV {str(src)!r} does not exist.")
@@ -458,8 +457,6 @@ def import_rspect(
     ``negative_exam_for_pe`` is 0 too) are excluded and counted rather than called positive.
     Series folders are expected at ``images_dir/<StudyInstanceUID>/<SeriesInstanceUID>``.
     """
-    from embedstore.dicom import pseudonymise
-
     src = Path(train_csv)
     if not src.exists():
         raise ManifestError(f"RSPECT CSV {str(src)!r} does not exist.")
@@ -534,13 +531,9 @@ def summarize_manifest(path: str | os.PathLike[str], *, check_paths: bool = True
 
 def import_paired_csv_with_env_key(csv_path: str | os.PathLike[str], **kwargs: object) -> ImportResult:
     """``import_paired_csv`` with the pseudonymisation key from the environment (refuses without)."""
-    from embedstore.dicom import load_pseudonym_key
-
     return import_paired_csv(csv_path, key=load_pseudonym_key(synthetic=False), **kwargs)  # type: ignore[arg-type]
 
 
 def import_rspect_with_env_key(train_csv: str | os.PathLike[str], **kwargs: object) -> ImportResult:
     """``import_rspect`` with the pseudonymisation key from the environment (refuses without)."""
-    from embedstore.dicom import load_pseudonym_key
-
     return import_rspect(train_csv, key=load_pseudonym_key(synthetic=False), **kwargs)  # type: ignore[arg-type]

@@ -1,13 +1,29 @@
-"""Errors of the pure-torch layer. ``models/`` never imports the rest of embedstore, so these
-have their own root; ``embedstore.errors`` re-exports them and the CLI reports them cleanly."""
+"""The project's error root, defined in the lowest layer so every layer can derive from it.
+
+``models/`` is pure torch and never imports the rest of embedstore, so the root lives here and
+``embedstore.errors`` re-exports it: ``except EmbedstoreError`` catches everything the project
+raises on purpose, from the torch modules to the CLI's library calls.
+"""
 
 from __future__ import annotations
 
-__all__ = ["ModelError", "EncoderError", "UnknownEncoderError", "CheckpointError"]
+__all__ = [
+    "EmbedstoreError",
+    "ModelError",
+    "EncoderError",
+    "UnknownEncoderError",
+    "CheckpointError",
+]
 
 
-class ModelError(Exception):
-    reason: str = "model_error"
+class EmbedstoreError(Exception):
+    """Root of every error embedstore raises on purpose.
+
+    ``reason`` is a short machine-readable code (written into the store's failures table);
+    the message names the bad value and the fix, and never contains patient-identifying values.
+    """
+
+    reason: str = "error"
 
     def __init__(self, message: str, *, reason: str | None = None):
         super().__init__(message)
@@ -17,6 +33,12 @@ class ModelError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ModelError(EmbedstoreError):
+    """An error of the pure-torch layer (encoders, heads, prior, checkpoints)."""
+
+    reason = "model_error"
 
 
 class EncoderError(ModelError, ValueError):

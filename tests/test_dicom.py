@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -22,18 +24,18 @@ from dicom_fixtures import (
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 
-from embedstore import dicom
+from embedstore import dicom, pseudonym
 from embedstore.dicom import (
-    PUBLIC_SYNTHETIC_KEY,
     content_hash,
-    load_pseudonym_key,
-    pseudonymise,
     read_ct_series,
     read_radiograph,
     read_study,
     source_signature,
 )
 from embedstore.errors import DicomError
+from embedstore.pseudonym import PUBLIC_SYNTHETIC_KEY, load_pseudonym_key, pseudonymise
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TESTDATA = Path(get_testdata_file("CT_small.dcm", download=False)).parent
 DIRTESTS = TESTDATA / "dicomdirtests"
@@ -562,3 +564,77 @@ def test_load_pseudonym_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert load_pseudonym_key(synthetic=True) == b"e" * 40  # a configured key always wins
     monkeypatch.setenv("EMBEDSTORE_PSEUDONYM_KEY", "short")
     assert _reason(load_pseudonym_key, synthetic=False).reason == "bad_pseudonym_key"
+
+
+def test_pseudonymisation_is_still_importable_from_the_dicom_package() -> None:
+    # user scripts written against the single-module layout keep working
+    assert dicom.pseudonymise is pseudonym.pseudonymise
+    assert dicom.load_pseudonym_key is pseudonym.load_pseudonym_key
+    assert dicom.PUBLIC_SYNTHETIC_KEY is pseudonym.PUBLIC_SYNTHETIC_KEY
+
+
+# ------------------------------------------------------------------ reason codes
+
+
+def _raised_reasons(path: Path) -> dict[str, set[str]]:
+    """Reason codes passed to ``_err(...)`` / ``DicomError(..., reason=...)``, by call site.
+
+    A literal, a conditional of literals, or a local name whose assignments in the enclosing
+    function are literals; any other form is reported with an empty set, so it cannot hide.
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: dict[str, set[str]] = {}
+
+    def strings(node: ast.AST) -> set[str]:
+        return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant)
+                and isinstance(n.value, str)}
+
+    for func in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]:
+        for call in [n for n in ast.walk(func) if isinstance(n, ast.Call)]:
+            name = getattr(call.func, "id", getattr(call.func, "attr", None))
+            if name == "_err" and call.args:
+                arg = call.args[0]
+            elif name == "DicomError" and any(k.arg == "reason" for k in call.keywords):
+                arg = next(k.value for k in call.keywords if k.arg == "reason")
+            else:
+                continue
+            if isinstance(arg, ast.Name) and arg.id == "reason" and func.name == "_err":
+                continue  # the helper itself
+            if isinstance(arg, ast.Name):
+                codes = set().union(*[strings(a.value) for a in ast.walk(func)
+                                      if isinstance(a, ast.Assign)
+                                      and any(getattr(t, "id", None) == arg.id for t in a.targets)])
+            elif isinstance(arg, ast.Constant | ast.IfExp):
+                codes = strings(arg)
+            else:
+                codes = set()
+            found[f"{path.relative_to(ROOT)}:{call.lineno}"] = codes
+    return found
+
+
+def _documented_reasons() -> dict[str, str]:
+    text = (ROOT / "docs" / "DICOM.md").read_text()
+    section = text.split("## Reason codes", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            for code in re.findall(r"`([a-z_]+)`", cells[0]):
+                rows[code] = cells[1].replace("`", "").replace("**", "")
+    return rows
+
+
+def test_every_reason_code_raised_is_in_the_table_and_the_docs() -> None:
+    sources = sorted((ROOT / "embedstore" / "dicom").glob("*.py")) + [
+        ROOT / "embedstore" / "pseudonym.py"]
+    sites = {k: v for p in sources for k, v in _raised_reasons(p).items()}
+    assert len(sites) > 40, "the scan found too few raise sites: is it still reading the code?"
+    unresolved = [site for site, codes in sites.items() if not codes]
+    assert not unresolved, f"reason codes not written as literals at {unresolved}"
+    raised = set().union(*sites.values())
+    assert raised - set(dicom.REASONS) == set(), "raised but missing from REASONS"
+    assert set(dicom.REASONS) - raised == set(), "in REASONS but never raised"
+    documented = _documented_reasons()
+    assert set(documented) == set(dicom.REASONS), "docs/DICOM.md table != REASONS"
+    for code, meaning in dicom.REASONS.items():
+        assert documented[code] == meaning, f"docs/DICOM.md says something else for {code!r}"

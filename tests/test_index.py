@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from embedstore.errors import ConfigError, IndexError_
+from embedstore.errors import ConfigError, FaissIndexError
 from embedstore.index import (
     build_index,
     get_or_build_index,
@@ -55,7 +55,7 @@ def test_flat_search_matches_numpy_cosine():
     want = np.argsort(-ref, axis=1)[:, :5]
     np.testing.assert_array_equal(pos, want)
     np.testing.assert_allclose(scores, np.take_along_axis(ref, want, axis=1), atol=1e-5)
-    with pytest.raises(IndexError_, match="between 1 and the index size 300"):
+    with pytest.raises(FaissIndexError, match="between 1 and the index size 300"):
         idx.search(q, 301)
     with pytest.raises(ConfigError, match="dimension 8"):
         idx.search(q[:, :8], 3)
@@ -175,7 +175,7 @@ def test_checksum_mismatch_triggers_rebuild(tmp_path):
     assert rebuilt and idx.rebuild_reason == "index_missing"
     idx, rebuilt = get_or_build_index(path, a, use_gpu=False)
     assert not rebuilt and idx.rebuild_reason is None
-    with pytest.raises(IndexError_) as e:
+    with pytest.raises(FaissIndexError) as e:
         load_index(path, expected_source_checksum=vectors_checksum(b))
     assert e.value.reason == "index_stale"
     idx, rebuilt = get_or_build_index(path, b, use_gpu=False)
@@ -193,7 +193,7 @@ def test_corrupted_index_file_is_detected_and_rebuilt(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the stored vectors
     path.write_bytes(bytes(raw))
-    with pytest.raises(IndexError_, match="corrupt") as e:
+    with pytest.raises(FaissIndexError, match="corrupt") as e:
         load_index(path, expected_source_checksum=vectors_checksum(x))
     assert e.value.reason == "index_corrupt"
     idx, rebuilt = get_or_build_index(path, x, use_gpu=False)
@@ -212,20 +212,20 @@ def test_truncated_file_with_matching_sidecar_is_refused_by_faiss(tmp_path):
 
     side["index_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     sidecar_path(path).write_text(json.dumps(side))
-    with pytest.raises(IndexError_, match="FAISS cannot read") as e:
+    with pytest.raises(FaissIndexError, match="FAISS cannot read") as e:
         load_index(path, expected_source_checksum=vectors_checksum(x))
     assert e.value.reason == "index_corrupt"
 
 
 def test_garbage_sidecar_and_missing_files(tmp_path):
     path = tmp_path / "idx.faiss"
-    with pytest.raises(IndexError_, match="does not exist") as e:
+    with pytest.raises(FaissIndexError, match="does not exist") as e:
         load_index(path, expected_source_checksum="0" * 64)
     assert e.value.reason == "index_missing"
     x = _clustered(50, 4, seed=0)
     get_or_build_index(path, x, use_gpu=False)
     sidecar_path(path).write_text("{not json")
-    with pytest.raises(IndexError_, match="unreadable"):
+    with pytest.raises(FaissIndexError, match="unreadable"):
         load_index(path, expected_source_checksum=vectors_checksum(x))
     _, rebuilt = get_or_build_index(path, x, use_gpu=False)
     assert rebuilt
@@ -239,7 +239,7 @@ def test_build_rejects_bad_input():
     with pytest.raises(ConfigError, match="2-D"):
         build_index(np.ones(4))
     if faiss.get_num_gpus() == 0:
-        with pytest.raises(IndexError_, match="faiss-gpu") as e:
+        with pytest.raises(FaissIndexError, match="faiss-gpu") as e:
             build_index(np.ones((3, 2)), use_gpu=True)
         assert e.value.reason == "no_gpu"
 

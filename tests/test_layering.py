@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DICOM_MODULES = {"embedstore/dicom.py", "embedstore/_dicomwrite.py"}
+# The DICOM layer: the reader package and the synthetic-cohort writer. Nothing else imports
+# pydicom; pseudonymisation (embedstore/pseudonym.py) is deliberately outside it.
+DICOM_MODULES = {"embedstore/dicom/", "embedstore/_dicomwrite.py"}
+
+
+def _in_dicom_layer(rel: str) -> bool:
+    return any(rel == m or (m.endswith("/") and rel.startswith(m)) for m in DICOM_MODULES)
 
 
 def _imports_of(source: str) -> set[str]:
@@ -51,8 +57,75 @@ def test_pydicom_only_in_the_dicom_layer_and_click_nowhere(path: Path) -> None:
     mods = _imports(path)
     rel = str(path.relative_to(ROOT))
     assert not any(m == "click" or m.startswith("click.") for m in mods), f"{rel} imports click"
-    if rel not in DICOM_MODULES and not rel.startswith("benchmarks/"):  # baselines may use it
+    if not _in_dicom_layer(rel) and not rel.startswith("benchmarks/"):  # baselines may use it
         assert not any(m.startswith("pydicom") for m in mods), f"{rel} imports pydicom"
+
+
+def _module_path(module: str) -> Path | None:
+    """The source file of an embedstore module (package -> its __init__.py), else None."""
+    parts = module.split(".")
+    if parts[0] != "embedstore":
+        return None
+    if parts[1:2] == ["models"]:
+        base, rest = ROOT / "models", parts[2:]
+    elif parts[1:2] == ["cli"]:
+        base, rest = ROOT / "cli", parts[2:]
+    else:
+        base, rest = ROOT / "embedstore", parts[1:]
+    target = base.joinpath(*rest)
+    if (target / "__init__.py").is_file():
+        return target / "__init__.py"
+    return target.with_suffix(".py") if target.with_suffix(".py").is_file() else None
+
+
+def _reachable(module: str) -> set[str]:
+    """Every module the import of ``module`` can load, following embedstore's own imports
+    (function-level ones too, so a lazy import cannot hide a dependency) and parent packages."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        path = _module_path(mod)
+        if path is None:
+            continue
+        todo.extend(".".join(mod.split(".")[:k]) for k in range(1, mod.count(".") + 1))
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo.extend(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo.append(node.module)
+                # `from embedstore import dicom` imports the submodule embedstore.dicom
+                todo.extend(f"{node.module}.{a.name}" for a in node.names
+                            if _module_path(f"{node.module}.{a.name}") is not None)
+    return seen
+
+
+def test_the_dicom_layer_is_where_the_rule_says() -> None:
+    # guards the rule above against going vacuous after a move
+    assert (ROOT / "embedstore" / "dicom" / "__init__.py").is_file()
+    assert (ROOT / "embedstore" / "_dicomwrite.py").is_file()
+    assert any("pydicom" in _imports(p) for p in _py_files("embedstore/dicom"))
+
+
+@pytest.mark.parametrize("module", ["embedstore.pseudonym", "embedstore.manifest"])
+def test_pseudonymisation_and_the_manifest_never_reach_pydicom(module: str) -> None:
+    reached = _reachable(module)
+    assert not {m for m in reached if m.startswith(("pydicom", "embedstore.dicom"))}, \
+        f"{module} reaches {sorted(m for m in reached if 'dicom' in m)}"
+
+
+def test_decode_workers_import_only_the_dicom_and_preprocess_layers() -> None:
+    # spawned decode workers must not pay for the store, the catalog or the encoders
+    allowed = {"embedstore", "embedstore._decode", "embedstore.errors", "embedstore.preprocess",
+               "embedstore.pseudonym", "embedstore.models", "embedstore.models.errors"}
+    ours = {m for m in _reachable("embedstore._decode") if m.startswith("embedstore")}
+    extra = {m for m in ours - allowed if m != "embedstore.dicom" and not m.startswith("embedstore.dicom.")}
+    assert "embedstore.dicom.series" in ours  # the walk does follow the package
+    assert not extra, f"the decode worker imports {sorted(extra)}"
 
 
 def test_installed_layout_has_no_generic_top_level_packages() -> None:
