@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import ConfigError
 from embedstore.store import open_store
 
@@ -73,18 +74,5 @@ def query(
     if out is None:
         return QueryResult(result, fmt, data=data)
     path = Path(out)
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return QueryResult(result, fmt, data=data, path=path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -263,12 +263,20 @@ def test_eval_writes_table_figures_and_report(store_dir: Path, trained: dict[str
 # ------------------------------------------------------------------------------------------
 
 
-def test_cli_query_info_verify_on_a_real_store(store_dir: Path) -> None:
-    r = runner.invoke(app, ["query", str(store_dir),
-                            "SELECT modality, count(*) AS n FROM embeddings GROUP BY 1 ORDER BY 1",
-                            "--format", "json"])
+def test_cli_query_info_verify_on_a_real_store(store_dir: Path, tmp_path: Path) -> None:
+    sql = "SELECT modality, count(*) AS n FROM embeddings GROUP BY 1 ORDER BY 1"
+    r = runner.invoke(app, ["query", str(store_dir), sql, "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output) == [{"modality": "CTPA", "n": 40}, {"modality": "CXR", "n": 40}]
+    r = runner.invoke(app, ["query", str(store_dir), sql, "--format", "parquet", "--out",
+                            str(tmp_path / "q.parquet")])
+    assert r.exit_code == 0, r.output  # (rich wraps a long path onto the next line)
+    assert " ".join(r.output.split()) == f"Wrote 2 rows to {tmp_path / 'q.parquet'}"
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "q.parquet").to_pylist() == json.loads(
+        runner.invoke(app, ["query", str(store_dir), sql, "--format", "json"]).output)
+    assert [p.name for p in tmp_path.iterdir()] == ["q.parquet"]  # no temp file left
     r = runner.invoke(app, ["info", str(store_dir), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["embeddings"] >= 80
     r = runner.invoke(app, ["verify", str(store_dir)])
