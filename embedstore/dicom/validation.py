@@ -10,6 +10,8 @@ from worker processes rather than from several threads at once.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import logging
 import math
 import os
@@ -60,6 +62,63 @@ _DECODER_PACKAGES: dict[str, str] = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
 }
+
+# Which pydicom decoding plugin decodes each compressed syntax, in order of preference: the first
+# one installed is used, and only that one (no silent fallback), so the decoder that made the
+# pixels is known without decoding and enters the content hash (``_PixelInfo.decoder``).
+# pyjpegls before pylibjpeg for JPEG-LS (measured 3.8x faster); pylibjpeg-rle before pydicom's
+# own RLE (5.7x faster); pylibjpeg (libjpeg) first for JPEG when the user installed it (GPL-3,
+# not a dependency: docs/DECISIONS.md), else GDCM.
+_PLUGIN_ORDER: dict[str, tuple[str, ...]] = {
+    "1.2.840.10008.1.2.4.50": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.51": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.57": ("pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.70": ("pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.80": ("pyjpegls", "pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.81": ("pyjpegls", "pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.90": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.91": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.201": ("pylibjpeg",),
+    "1.2.840.10008.1.2.4.202": ("pylibjpeg",),
+    "1.2.840.10008.1.2.4.203": ("pylibjpeg",),
+    "1.2.840.10008.1.2.5": ("pylibjpeg", "pydicom"),
+}
+_J2K_UIDS = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+
+
+def _plugin_distributions(plugin: str, ts: UID) -> tuple[str, ...]:
+    """The pip distributions whose code decodes ``ts`` through pydicom plugin ``plugin``."""
+    if plugin == "pylibjpeg":
+        if str(ts) == "1.2.840.10008.1.2.5":
+            return ("pylibjpeg", "pylibjpeg-rle")
+        if str(ts) in _J2K_UIDS:
+            return ("pylibjpeg", "pylibjpeg-openjpeg")
+        return ("pylibjpeg", "pylibjpeg-libjpeg")
+    return {"gdcm": ("python-gdcm",), "pillow": ("pillow",), "pyjpegls": ("pyjpegls",),
+            "pydicom": ("pydicom",)}.get(plugin, (plugin,))
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=64)
+def _choose_decoder(ts: UID) -> tuple[str, str] | None:
+    """(pydicom plugin name, "dist version + ...") that will decode ``ts``; None if none is."""
+    try:
+        available = get_decoder(ts).available_plugins
+    except NotImplementedError:
+        return None
+    order = _PLUGIN_ORDER.get(str(ts), ()) + tuple(sorted(available))
+    for plugin in order:
+        if plugin in available:
+            dists = _plugin_distributions(plugin, ts)
+            return plugin, " + ".join(f"{d} {_version(d)}" for d in dists)
+    return None
 
 
 @contextlib.contextmanager
@@ -136,6 +195,8 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
             ds = pydicom.dcmread(path, defer_size=_DEFER)
         except InvalidDicomError:
             ds = None
+        except MemoryError:
+            raise
         except Exception as e:  # pydicom raises many types on malformed input
             # pydicom's message can contain element values: keep only the type
             reason = "truncated" if has_magic else "not_dicom"
@@ -171,6 +232,8 @@ def _forced_read(path: Path, name: str, head: bytes) -> Dataset:
         raise junk
     try:
         ds = pydicom.dcmread(path, force=True, defer_size=_DEFER)
+    except MemoryError:
+        raise
     except Exception:
         raise junk from None
     if not _plausible_image(ds):
@@ -214,6 +277,8 @@ class _PixelInfo:
     bits: int
     expected: int  # declared pixel bytes
     ts: UID
+    plugin: str = ""  # pydicom decoding plugin for a compressed syntax ("" = native)
+    decoder: str = ""  # its distributions and versions (part of the content hash)
 
 
 def _check_pixels(ds: Dataset, name: str, *, max_bytes: int) -> _PixelInfo:
@@ -254,12 +319,12 @@ def _check_pixels(ds: Dataset, name: str, *, max_bytes: int) -> _PixelInfo:
             "this image is genuine.",
         )
     ts = _transfer_syntax(ds)
+    plugin = decoder = ""
     if ts.is_compressed:
-        try:
-            decoder = get_decoder(ts)
-        except NotImplementedError:
-            decoder = None
-        if decoder is None or not decoder.is_available:
+        chosen = _choose_decoder(ts)
+        if chosen is not None:
+            plugin, decoder = chosen
+        else:
             packages = _DECODER_PACKAGES.get(str(ts))
             fix = (
                 f"pip install {packages}"
@@ -302,7 +367,7 @@ def _check_pixels(ds: Dataset, name: str, *, max_bytes: int) -> _PixelInfo:
             )
     elif length == 0:
         raise _err("no_pixel_data", f"File {name!r} has empty encapsulated pixel data.")
-    return _PixelInfo(rows, cols, frames, bits, expected, ts)
+    return _PixelInfo(rows, cols, frames, bits, expected, ts, plugin, decoder)
 
 
 def _raw_pixel_bytes(ds: Dataset, name: str, info: _PixelInfo) -> bytes:
@@ -344,12 +409,72 @@ def _decode_failure(ds: Dataset, name: str, e: Exception) -> DicomError:
     )
 
 
-def _decode(ds: Dataset, name: str, index: int | None) -> np.ndarray:
+def _decode(ds: Dataset, name: str, index: int | None, info: _PixelInfo) -> np.ndarray:
     with _quiet():
         try:
-            return pixel_array(ds, index=index)
+            return pixel_array(ds, index=index, decoding_plugin=info.plugin)
+        except MemoryError:
+            raise  # the worker's memory backstop: reported as out_of_memory, never as corrupt
         except Exception as e:
             raise _decode_failure(ds, name, e) from None
+
+
+class MemoryGate:
+    """How a reader asks for memory before it allocates (the decode worker's side of the
+    extraction's memory budget). ``budget``: the most one study may use; ``extra(shape)``: bytes
+    the caller needs on top of the decode for an image of ``shape`` (preprocessing);
+    ``acquire(nbytes)``: blocks until the bytes are granted. The default grants everything."""
+
+    budget: int | None = None
+
+    def extra(self, shape: tuple[int, ...], spacing: tuple[float, ...] | None = None) -> int:
+        return 0
+
+    def acquire(self, nbytes: int) -> None:
+        return None
+
+
+def _reserve(
+    gate: MemoryGate | None,
+    decode_bytes: int,
+    shape: tuple[int, ...],
+    what: str,
+    spacing: tuple[float, ...] | None = None,
+) -> int:
+    """Check ``decode_bytes`` (+ the caller's extra) against the budget, then wait for it."""
+    if gate is None:
+        return decode_bytes
+    total = int(decode_bytes) + int(gate.extra(shape, spacing))
+    if gate.budget is not None and total > gate.budget:
+        raise _err(
+            "over_memory_budget",
+            f"{what} needs about {total} bytes to decode and preprocess, over the memory budget "
+            f"of {gate.budget} bytes per study; raise --max-memory (ExtractConfig.max_memory) if "
+            "it is genuine.",
+        )
+    gate.acquire(total)
+    return total
+
+
+def _floats_raw(value: Any, n: int) -> tuple[float, ...] | None:
+    """``n`` numbers, non-finite ones included; None when absent, of another count or not numeric."""
+    if value is None or value == "":
+        return None
+    try:
+        out = tuple(float(v) for v in (value if isinstance(value, list | tuple) else list(value)))
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _number(value: Any) -> float | None:
+    """A single number (non-finite kept: the caller refuses it); None when absent; NaN if junk."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -399,11 +524,13 @@ def _first(seq: Any) -> Dataset | None:
         return None
 
 
-def _iter_frames(ds: Dataset, name: str, indices: list[int]) -> Iterator[np.ndarray]:
+def _iter_frames(
+    ds: Dataset, name: str, indices: list[int], info: _PixelInfo
+) -> Iterator[np.ndarray]:
     with _quiet():
         try:
-            yield from iter_pixels(ds, indices=indices)
-        except DicomError:
+            yield from iter_pixels(ds, indices=indices, decoding_plugin=info.plugin)
+        except (DicomError, MemoryError):
             raise
         except Exception as e:
             raise _decode_failure(ds, name, e) from None
