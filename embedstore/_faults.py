@@ -7,7 +7,8 @@ misbehave when it starts on that study (tests/test_extract_faults.py):
   segv   SIGSEGV to itself, as a crash inside a C decoder
   hog    allocate 8 GiB in 64 MiB blocks, untouched (address space, not RSS): the worker's
          memory backstop must turn it into a MemoryError; without one it simply succeeds
-  hang   sleep for an hour (a decoder stuck in a loop)
+  hang   sleep for an hour (a decoder stuck in a loop); first creates the file named by
+         ``EMBEDSTORE_TEST_FAULT_MARK`` if set, so a test knows the worker got there
 
 The variable is read when the worker reaches a study, so a test sets it in the environment of
 the process that starts the workers. It lives here, apart from the production constants, so
@@ -23,6 +24,7 @@ import time
 __all__ = ["ENV", "maybe_fault"]
 
 ENV = "EMBEDSTORE_TEST_FAULT"
+MARK_ENV = "EMBEDSTORE_TEST_FAULT_MARK"
 
 
 def _faults() -> dict[str, str]:
@@ -49,4 +51,8 @@ def maybe_fault(study_id: str) -> None:
 
         blocks = [np.empty(64 << 20, dtype=np.uint8) for _ in range(128)]  # noqa: F841
     elif kind == "hang":
+        mark = os.environ.get(MARK_ENV)
+        if mark:
+            with open(mark, "w") as f:
+                f.write(str(os.getpid()))
         time.sleep(3600)

@@ -22,7 +22,6 @@ from dicom_fixtures import (
     write_enhanced_ct,
 )
 from pydicom.data import get_testdata_file
-from pydicom.pixels import get_decoder
 
 from embedstore import dicom, pseudonym
 from embedstore.dicom import (
