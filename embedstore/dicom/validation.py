@@ -46,13 +46,13 @@ _PIXEL_DATA = 0x7FE00010
 _TRUNCATION_WARNING = re.compile(r"end of file|\beof\b|truncat|fewer bytes", re.IGNORECASE)
 
 # pip packages that decode each compressed transfer syntax (pydicom picks them up automatically).
-_JPEG = "pylibjpeg pylibjpeg-libjpeg (or pillow for 8-bit baseline)"
+_JPEG = "pylibjpeg pylibjpeg-libjpeg (GPL-3; for 8-bit also python-gdcm or pillow)"
 _J2K = "pylibjpeg pylibjpeg-openjpeg (or pillow)"
 _DECODER_PACKAGES: dict[str, str] = {
     "1.2.840.10008.1.2.4.50": _JPEG,
     "1.2.840.10008.1.2.4.51": _JPEG,
-    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "python-gdcm (or pylibjpeg pylibjpeg-libjpeg, GPL-3)",
+    "1.2.840.10008.1.2.4.70": "python-gdcm (or pylibjpeg pylibjpeg-libjpeg, GPL-3)",
     "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg pylibjpeg-libjpeg)",
     "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg pylibjpeg-libjpeg)",
     "1.2.840.10008.1.2.4.90": _J2K,
