@@ -33,6 +33,7 @@ from embedstore.dicom.validation import (
     _float_or,
     _floats,
     _is_image_object,
+    _muted,
     _path_name,
     _quiet,
     _raw_pixel_bytes,
@@ -295,6 +296,7 @@ def _read_dicom_radiograph(
     return rad, h.hexdigest()
 
 
+@_muted
 def _read_rad(
     path: str | os.PathLike[str], *, max_bytes: int, decode: bool, gate: MemoryGate | None = None
 ) -> tuple[Radiograph | None, str]:

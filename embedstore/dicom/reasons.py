@@ -20,6 +20,9 @@ REASONS: dict[str, str] = {
         "(length < Rows x Columns x Frames x Bits/8), or in encapsulated data (pydicom's "
         "end-of-file warning)"
     ),
+    "malformed_header": (
+        "a header element pydicom cannot interpret (unknown VR, a value it cannot convert)"
+    ),
     "missing_attribute": (
         "Rows, Columns, BitsAllocated, BitsStored, PixelRepresentation, "
         "PhotometricInterpretation missing or impossible; CT slice without "

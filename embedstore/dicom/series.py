@@ -35,6 +35,7 @@ from embedstore.dicom.validation import (
     _is_image_object,
     _iter_frames,
     _list_files,
+    _muted,
     _number,
     _PixelInfo,
     _raw_pixel_bytes,
@@ -594,6 +595,7 @@ def _stored_dtype(files: dict[str, tuple[Dataset, _PixelInfo]]) -> Any:
     )
 
 
+@_muted
 def _read_ct(
     folder: str | os.PathLike[str],
     *,

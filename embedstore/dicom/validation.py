@@ -135,6 +135,18 @@ def _quiet() -> Iterator[list[warnings.WarningMessage]]:
         logger.disabled = was_disabled
 
 
+def _muted(fn: Any) -> Any:
+    """Run a reader with pydicom's warnings and log muted (they can echo tag values, e.g. an
+    invalid UID when a dataset is modified), however deep the access that raises them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _quiet():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _truncation_warned(caught: list[warnings.WarningMessage]) -> bool:
     return any(_TRUNCATION_WARNING.search(str(w.message)) for w in caught)
 
@@ -192,11 +204,20 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
     has_magic = head[128:132] == b"DICM"
     with _quiet() as caught:
         try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER)
+            # our own handle: pydicom leaves its file open when parsing fails (an fd per bad
+            # file in a long-lived worker); deferred elements are re-read by file name
+            with open(path, "rb") as fp:
+                ds = pydicom.dcmread(fp, defer_size=_DEFER)
         except InvalidDicomError:
             ds = None
         except MemoryError:
-            raise
+            # the file is at most max_bytes + 16 MiB and large values stay deferred, so this
+            # is an element whose declared length exceeds the file (seen in fuzzing)
+            raise _err(
+                "malformed_header",
+                f"File {name!r} declares an element longer than the file itself; the file is "
+                "damaged, re-copy or re-export it.",
+            ) from None
         except Exception as e:  # pydicom raises many types on malformed input
             # pydicom's message can contain element values: keep only the type
             reason = "truncated" if has_magic else "not_dicom"
@@ -208,6 +229,7 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
         if ds is None:
             # no preamble/'DICM': allowed only when it parses into a plausible image
             ds = _forced_read(path, name, head)
+        _convert_all(ds, name)  # here, muted: a value must never reach a warning or a message
     if _truncation_warned(caught):
         raise _err(
             "truncated",
@@ -218,8 +240,37 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
             "truncated",
             f"File {name!r} holds only its file meta header (truncated copy); re-copy it.",
         )
-    ds.file_meta.TransferSyntaxUID = _transfer_syntax(ds)
+    ts = _transfer_syntax(ds)
+    if not ts.is_transfer_syntax:
+        raise _err(
+            "unsupported_transfer_syntax",
+            f"File {name!r} declares a transfer syntax UID that is not a known transfer syntax; "
+            "re-export it with a standard one.",
+        )
+    ds.file_meta.TransferSyntaxUID = ts
     return ds
+
+
+def _convert_all(ds: Dataset, name: str, depth: int = 0) -> None:
+    """Convert every element now (pixel data excepted, it stays deferred), so that a header
+    pydicom cannot interpret fails here with a reason instead of wherever it is first read."""
+    try:
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag, keep_deferred=True)
+            if tag == _PIXEL_DATA or (raw is not None and raw.value is None and raw.length):
+                continue  # deferred (> 4 KiB): binary data, read only if ever needed
+            elem = ds[tag]
+            if elem.VR == "SQ" and depth < 8 and elem.value is not None:
+                for item in elem.value:
+                    _convert_all(item, name, depth + 1)
+    except DicomError:
+        raise
+    except Exception as e:  # unknown VR, a value pydicom cannot convert, ...
+        raise _err(
+            "malformed_header",
+            f"File {name!r} has a header element that cannot be parsed ({type(e).__name__}); "
+            "the file is damaged or non-conformant, re-export it.",
+        ) from None
 
 
 def _forced_read(path: Path, name: str, head: bytes) -> Dataset:
@@ -231,10 +282,9 @@ def _forced_read(path: Path, name: str, head: bytes) -> Dataset:
     if not _looks_like_raw_dataset(head):
         raise junk
     try:
-        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER)
-    except MemoryError:
-        raise
-    except Exception:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, force=True, defer_size=_DEFER)
+    except Exception:  # MemoryError included: a forced parse of junk declared a huge length
         raise junk from None
     if not _plausible_image(ds):
         raise junk
@@ -409,6 +459,14 @@ def _decode_failure(ds: Dataset, name: str, e: Exception) -> DicomError:
     )
 
 
+def _decoder_panic(ds: Dataset, name: str, e: BaseException) -> BaseException:
+    """A Rust decoder's panic (pyo3's PanicException) derives from BaseException, not
+    Exception: found by tests/test_dicom_fuzz.py on a damaged RLE stream. Interrupts pass."""
+    if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
+        return e
+    return _decode_failure(ds, name, e)  # type: ignore[arg-type]
+
+
 def _decode(ds: Dataset, name: str, index: int | None, info: _PixelInfo) -> np.ndarray:
     with _quiet():
         try:
@@ -417,6 +475,8 @@ def _decode(ds: Dataset, name: str, index: int | None, info: _PixelInfo) -> np.n
             raise  # the worker's memory backstop: reported as out_of_memory, never as corrupt
         except Exception as e:
             raise _decode_failure(ds, name, e) from None
+        except BaseException as e:
+            raise _decoder_panic(ds, name, e) from None
 
 
 class MemoryGate:
@@ -534,3 +594,5 @@ def _iter_frames(
             raise
         except Exception as e:
             raise _decode_failure(ds, name, e) from None
+        except BaseException as e:
+            raise _decoder_panic(ds, name, e) from None
