@@ -229,7 +229,6 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
         if ds is None:
             # no preamble/'DICM': allowed only when it parses into a plausible image
             ds = _forced_read(path, name, head)
-        _convert_all(ds, name)  # here, muted: a value must never reach a warning or a message
     if _truncation_warned(caught):
         raise _err(
             "truncated",
@@ -240,6 +239,8 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
             "truncated",
             f"File {name!r} holds only its file meta header (truncated copy); re-copy it.",
         )
+    with _quiet():
+        _convert_all(ds, name)  # muted: a value must never reach a warning or a message
     ts = _transfer_syntax(ds)
     if not ts.is_transfer_syntax:
         raise _err(
@@ -265,6 +266,12 @@ def _convert_all(ds: Dataset, name: str, depth: int = 0) -> None:
                     _convert_all(item, name, depth + 1)
     except DicomError:
         raise
+    except (OSError, EOFError):  # a sequence parsed on access runs into the end of the file
+        raise _err(
+            "truncated",
+            f"File {name!r} ends inside a header element (truncated copy); re-copy or "
+            "re-export it.",
+        ) from None
     except Exception as e:  # unknown VR, a value pydicom cannot convert, ...
         raise _err(
             "malformed_header",
