@@ -18,7 +18,13 @@ import pytest
 
 from embedstore import _faults
 from embedstore._pool import DecodePool, _State, _Worker
-from embedstore.extract import ExtractConfig, ExtractInterrupted, extract
+from embedstore.extract import (
+    ExtractConfig,
+    ExtractInterrupted,
+    default_max_memory,
+    extract,
+    parse_bytes,
+)
 from embedstore.manifest import load_manifest
 from embedstore.phantom import PhantomSpec
 from embedstore.store import open_store
@@ -245,3 +251,39 @@ def test_sigterm_in_process_raises_after_committing(cohort: Path, tmp_path: Path
     st = open_store(tmp_path / "s")
     assert sorted(st.load("CTPA", info.value.summary.encoder_key).study_ids) == sorted(ids[:-1])
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("text, expected", [("8GB", 8 * 10**9), ("8GiB", 8 * 2**30),
+                                            ("512MB", 512 * 10**6), ("1e9", 10**9),
+                                            (2**30, 2**30)])
+def test_max_memory_sizes(text: str | int, expected: int) -> None:
+    assert parse_bytes(text) == expected
+    assert ExtractConfig(modality="ctpa", max_memory=text).max_memory == expected
+
+
+def test_default_max_memory_is_half_the_machine() -> None:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert ExtractConfig(modality="ctpa").max_memory == default_max_memory() <= total // 2 + 1
+    assert parse_bytes("50%") == default_max_memory()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--max-memory", "lots"], "Error: --max-memory must be a size such as 8GB, 8GiB, 512MB, "
+                               "50% (of RAM) or a number of bytes, got 'lots'."),
+    (["--max-memory", "1MB"], "Error: --max-memory must be at least 16 MiB, got '1MB' "
+                              "(1000000 bytes)."),
+    (["--missing-rescale", "guess"], "Error: --missing-rescale 'guess' is not a policy. Valid: "
+                                     "refuse, assume-1024, assume-0."),
+])
+def test_bad_extract_options_are_one_error_line(cohort: Path, tmp_path: Path, args: list[str],
+                                                line: str) -> None:
+    from embedstore.cli.app import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["extract", str(tmp_path / "s"), "-m",
+                                 str(cohort / "manifest.parquet"), "--modality", "ctpa", *args])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == line, r.output
+    assert "Traceback" not in r.output
