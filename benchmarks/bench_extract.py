@@ -70,7 +70,7 @@ def run(quick: bool = False) -> str:
     repeats = 1 if quick else 3
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
-        synthesize_cohort(work / "cohort", n_patients=n_patients, seed=11, workers=2, progress=False)
+        synthesize_cohort(work / "cohort", n_patients=n_patients, seed=11, workers=2)
         man = load_manifest(work / "cohort" / "manifest.parquet")
         folders = [str(man.resolve(r["path"])) for r in man.rows("CTPA")]
         n = len(folders)
@@ -105,12 +105,12 @@ def run(quick: bool = False) -> str:
             store = work / f"store{r}"
             t0 = time.perf_counter()
             s = extract(store, work / "cohort" / "manifest.parquet",
-                        ExtractConfig(modality="ctpa", progress=False))
+                        ExtractConfig(modality="ctpa"))
             e2e.append(time.perf_counter() - t0)
             assert s.done == n, s
             t0 = time.perf_counter()
             s2 = extract(store, work / "cohort" / "manifest.parquet",
-                         ExtractConfig(modality="ctpa", progress=False))
+                         ExtractConfig(modality="ctpa"))
             resume.append(time.perf_counter() - t0)
             assert s2.cached == n and s2.done == 0
         t_e2e, t_resume = statistics.median(e2e), statistics.median(resume)

@@ -37,7 +37,12 @@ from embedstore._pool import DecodePool
 from embedstore.dicom import MISSING_RESCALE_POLICIES, MemoryGate
 from embedstore.errors import ConfigError, EmbedstoreError
 from embedstore.manifest import Manifest, load_manifest
-from embedstore.models.encoders import FrozenEncoder, create_encoder
+from embedstore.models.encoders import (
+    FrozenEncoder,
+    create_encoder,
+    get_encoder_spec,
+    list_encoders,
+)
 from embedstore.preprocess import PreprocessSpec
 from embedstore.store import Store, make_cache_key, open_store
 
@@ -51,8 +56,8 @@ __all__ = [
     "cache_key",
     "encoder_store_key",
     "default_encoder",
+    "registered_encoders",
     "parse_shard",
-    "run_extract",
 ]
 
 DEFAULT_ENCODERS = {"CXR": "demo-cxr", "CTPA": "demo-ctpa"}
@@ -60,6 +65,15 @@ DEFAULT_ENCODERS = {"CXR": "demo-cxr", "CTPA": "demo-ctpa"}
 
 def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[_modality(modality)]
+
+
+def registered_encoders() -> list[dict[str, Any]]:
+    """Name, family and params of every registered encoder, sorted by name."""
+    rows = []
+    for name in list_encoders():
+        spec = get_encoder_spec(name)
+        rows.append({"name": name, "family": spec.family, "params": spec.to_dict().get("params", {})})
+    return rows
 
 
 def _modality(m: str) -> str:
@@ -174,7 +188,6 @@ class ExtractConfig:
     shard: tuple[int, int] | None = None
     strict: bool = False
     max_in_flight: int | None = None
-    progress: bool = True
     # decode side's memory: workers' buffers + arrays waiting for the encoder. None -> half RAM
     max_memory: int | str | None = None
     retry_failed: bool = False  # also retry studies quarantined after a worker death
@@ -332,7 +345,8 @@ def extract(
 ) -> ExtractSummary:
     """Embed every selected study of ``cfg.modality`` into the store; return what happened.
 
-    ``on_progress(summary, total)`` is called after each study (the CLI draws a progress bar).
+    ``on_progress(summary, total)`` is called after each study (the CLI draws a progress bar
+    from it); ``summary`` is the live ``ExtractSummary``, ``total`` the number selected.
     A failure of one study is recorded in the store's failures table and extraction goes on,
     unless ``cfg.strict``, which stops at the first failure (after committing what is done).
     A study whose decode worker died is a ``worker_died`` failure and is skipped by later runs
@@ -524,36 +538,3 @@ def _run_pipeline(
     if stop.signum is not None:
         raise _interrupted(summary, stop.signum)
 
-
-def run_extract(
-    store_path: str | os.PathLike[str], manifest_path: str | os.PathLike[str], cfg: ExtractConfig
-) -> ExtractSummary:
-    """``extract`` with a rich progress bar and a final summary line (what the CLI calls)."""
-    from embedstore.progress import err_console, progress_bar
-
-    with progress_bar(f"extract {cfg.modality}", None, enabled=cfg.progress) as bar:
-
-        def on_progress(s: ExtractSummary, total: int) -> None:
-            bar.update(s.done + s.cached + s.failed, total=total,
-                       info=f"new {s.done} cached {s.cached} failed {s.failed}")
-
-        summary = extract(store_path, manifest_path, cfg, on_progress=on_progress)
-    if cfg.progress:
-        err_console.print(summary_line(summary), markup=False)
-    return summary
-
-
-def summary_line(s: ExtractSummary) -> str:
-    parts = [f"{s.modality} [{s.encoder_key}]: {s.selected} selected, {s.done} embedded"]
-    if s.done:
-        parts[-1] += f" ({s.items_per_s:.1f}/s)"
-    parts.append(f"{s.cached} cached" + (" (nothing to do)" if s.cached == s.selected else ""))
-    if s.failed:
-        reasons = ", ".join(f"{k} x{v}" for k, v in sorted(s.failures_by_reason.items()))
-        parts.append(f"{s.failed} FAILED ({reasons}; see `embedstore query STORE "
-                     f"\"SELECT * FROM failures\"`)")
-    else:
-        parts.append("0 failed")
-    if s.interrupted:
-        parts.append("INTERRUPTED: re-run to resume")
-    return "; ".join(parts) + f" in {s.seconds:.1f} s."

@@ -20,12 +20,12 @@ CXR_ENC = "test-tiny-vit"
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-cohort")
     spec = PhantomSpec.with_shape((8, 32, 32), prevalence=0.5)
-    synthesize_cohort(out, n_patients=6, seed=3, spec=spec, workers=1, progress=False)
+    synthesize_cohort(out, n_patients=6, seed=3, spec=spec, workers=1)
     return out
 
 
 def _cfg(**kw: object) -> ExtractConfig:
-    return ExtractConfig(modality="cxr", encoder=CXR_ENC, workers=0, progress=False, **kw)  # type: ignore[arg-type]
+    return ExtractConfig(modality="cxr", encoder=CXR_ENC, workers=0, **kw)  # type: ignore[arg-type]
 
 
 def test_a_changed_preprocessing_spec_is_a_new_set_with_nothing_cached(

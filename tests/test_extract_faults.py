@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fault-cohort")
     spec = PhantomSpec.with_shape((8, 32, 32), prevalence=0.5)
-    synthesize_cohort(out, n_patients=6, seed=5, spec=spec, workers=1, progress=False)
+    synthesize_cohort(out, n_patients=6, seed=5, spec=spec, workers=1)
     return out
 
 
@@ -47,7 +47,7 @@ def _ct_ids(cohort: Path) -> list[str]:
 
 
 def _cfg(**kw: object) -> ExtractConfig:
-    base: dict[str, object] = dict(modality="ctpa", encoder=CT_ENC, workers=1, progress=False)
+    base: dict[str, object] = dict(modality="ctpa", encoder=CT_ENC, workers=1)
     return ExtractConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import StoreCorruptError, StoreFormatError
 
-__all__ = ["RowArray", "sweep_partials", "chunk_rows_for", "fsync_dir"]
+__all__ = ["RowArray", "sweep_partials", "chunk_rows_for"]
 
 _CHUNK_TARGET_BYTES = 1 << 20  # ~1 MiB chunks: few files, cheap partial-chunk rewrites
 
@@ -37,15 +38,6 @@ def chunk_rows_for(row_bytes: int) -> int:
     while p * 2 <= min(rows, 4096):
         p *= 2
     return p
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so renames and new entries in it survive a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sweep_partials(root: Path, *, dry_run: bool = False) -> list[Path]:
@@ -131,14 +123,15 @@ class RowArray:
         return cls(Path(path), meta)
 
     def resize(self, capacity: int) -> None:
-        """Change the number of rows: rewrite zarr.json atomically (chunk files are untouched;
-        callers never shrink below a written chunk)."""
+        """Change the number of rows: rewrite zarr.json atomically and durably, since rows
+        committed beyond the old shape would otherwise be lost with it (chunk files are
+        untouched; callers never shrink below a written chunk)."""
         self._meta["shape"] = [int(capacity), *self.row_shape]
         self.shape = (int(capacity), *self.row_shape)
-        dst = self.path / "zarr.json"
-        tmp = dst.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
-        tmp.write_text(json.dumps(self._meta, indent=2))
-        os.replace(tmp, dst)
+        # A `.partial` temp, like chunk writes, so the sweep of a killed writer removes it.
+        atomic_write_bytes(
+            self.path / "zarr.json", json.dumps(self._meta, indent=2).encode(), tmp_suffix=".partial"
+        )
 
     # -- chunk files --------------------------------------------------------------------------
     def chunk_path(self, i: int) -> Path:

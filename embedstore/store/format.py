@@ -1,0 +1,118 @@
+"""The store's on-disk names and identities (docs/STORE_FORMAT.md): schema version, file and
+folder names, which names are valid, cache keys and the timestamp format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from embedstore.errors import ConfigError
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "embedstore"
+DTYPES = ("float32", "float16")
+MODALITIES = ("CXR", "CTPA")
+# Encoder keys and lock scopes name folders and files.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
+
+# STORE/
+STORE_DOC = "store.json"
+MANIFEST_FILE = "manifest.parquet"
+SETS_DIR = "sets"
+FAILURES_DIR = "failures"
+LOCKS_DIR = "locks"
+RUNS_DIR = "runs"
+STORE_SUBDIRS = (SETS_DIR, FAILURES_DIR, LOCKS_DIR, RUNS_DIR)
+# STORE/sets/<MODALITY>/<encoder_key>/
+SPEC_FILE = "spec.json"
+SEGMENT_PREFIX = "seg-"
+COMPACT_PREFIX = ".compact-"  # a segment gc is building; renamed to seg-* when whole
+# .../seg-*/
+SEGMENT_DOC = "segment.json"
+EMBEDDINGS_ARRAY = "embeddings.zarr"
+TOKENS_ARRAY = "tokens.zarr"
+COMMITS_FILE = "commits.jsonl"
+META_PARQUET = "meta.parquet"
+META_ARROW = "meta.arrow"
+
+# Parquet / Arrow schema metadata keys.
+MANIFEST_META_KEY = b"embedstore.store"  # on manifest.parquet: pair_max_gap_hours, attached_at
+META_LOG_BYTES_KEY = b"embedstore.commits_bytes"  # on meta.*: the commit log size they reflect
+
+
+def check_modality(modality: str) -> str:
+    m = str(modality).upper()
+    if m not in MODALITIES:
+        raise ConfigError(f"Unknown modality {modality!r}. Valid: {list(MODALITIES)}.")
+    return m
+
+
+def check_encoder_key(key: str) -> str:
+    if not isinstance(key, str) or not NAME_RE.match(key):
+        raise ConfigError(
+            f"Invalid encoder key {key!r}: it names a folder, so use 1-128 letters, digits and "
+            ". _ @ + = - (starting with a letter or digit)."
+        )
+    return key
+
+
+def canonical(obj: Any, what: str) -> Any:
+    """``obj`` as JSON would round-trip it (sorted keys), or ConfigError naming ``what``."""
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def make_cache_key(
+    *,
+    content_hash: str,
+    preprocess: Mapping[str, Any] | str,
+    encoder_fingerprint: str,
+    schema_version: int = SCHEMA_VERSION,
+) -> str:
+    """sha256 hex identifying one embedding: input content x preprocessing x encoder x schema.
+
+    ``content_hash`` must hash the pixel data and the geometry that affects it, never the path,
+    so moving or renaming an image folder recomputes nothing; ``encoder_fingerprint`` must
+    include a hash of the weights (``Encoder.fingerprint()``).
+    """
+    payload = {
+        "content": str(content_hash),
+        "preprocess": canonical(preprocess, "The preprocessing spec"),
+        "encoder": str(encoder_fingerprint),
+        "schema_version": int(schema_version),
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# -- time: every timestamp in a store is UTC, ISO 8601 with microseconds and a Z ---------------
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def micros(iso_text: str) -> int:
+    """Microseconds since the epoch of an ``iso()`` string (Arrow's timestamp[us] value)."""
+    dt = datetime.fromisoformat(iso_text.replace("Z", "+00:00"))
+    return (dt - EPOCH) // timedelta(microseconds=1)
+
+
+def iso_from_micros(us: int) -> str:
+    return iso(EPOCH + timedelta(microseconds=us))
+
+
+def stamp(dt: datetime) -> str:
+    """The compact UTC stamp in segment names (sortable)."""
+    return dt.strftime("%Y%m%dT%H%M%S%fZ")
