@@ -162,7 +162,7 @@ def extract(
 
     A study whose decode worker dies (out of memory, crashing decoder) is recorded as worker_died
     and skipped by later runs unless --retry-failed. SIGINT/SIGTERM stop after committing what
-    is embedded (exit 130).
+    is embedded (exit 1, one "Error: Interrupted by ..." line).
     """
     from embedstore.extract import ExtractConfig, parse_shard
     from embedstore.extract import extract as extract_

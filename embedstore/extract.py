@@ -153,11 +153,16 @@ def parse_bytes(value: int | str) -> int:
     return out
 
 
-class ExtractInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped ``extract``; everything embedded before it is committed."""
+class ExtractInterrupted(EmbedstoreError, KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped ``extract``; everything embedded before it is committed.
+
+    An EmbedstoreError (the CLI prints one ``Error: Interrupted by ...`` line, exit 1) that is
+    also a KeyboardInterrupt, so callers that stop on Ctrl-C keep doing so."""
+
+    reason = "interrupted"
 
     def __init__(self, message: str, summary: ExtractSummary, signum: int):
-        super().__init__(message)
+        super().__init__(message, reason="interrupted")
         self.summary, self.signum = summary, signum
 
 
