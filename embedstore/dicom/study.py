@@ -8,22 +8,20 @@ import os
 from embedstore.dicom.radiograph import Radiograph, _read_rad
 from embedstore.dicom.series import CTVolume, _read_ct
 from embedstore.dicom.validation import DEFAULT_MAX_BYTES
+from embedstore.domain import Modality
 
 __all__ = ["read_study", "content_hash"]
 
 
-def _check_modality(modality: str) -> str:
-    m = str(modality).upper()
-    if m not in ("CXR", "CTPA"):
-        raise ValueError(f"Unknown modality {modality!r}; expected 'CXR' or 'CTPA'.")
-    return m
+def _check_modality(modality: str | Modality) -> Modality:
+    return Modality.parse(modality)  # ConfigError (a ValueError) names the choices
 
 
 def read_study(
-    path: str | os.PathLike[str], modality: str, *, max_bytes: int = DEFAULT_MAX_BYTES
+    path: str | os.PathLike[str], modality: str | Modality, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[CTVolume | Radiograph, str]:
     """Read a study once and return it with its content hash (equal to ``content_hash``)."""
-    if _check_modality(modality) == "CTPA":
+    if _check_modality(modality) is Modality.CTPA:
         vol, h = _read_ct(
             path,
             max_bytes=max_bytes,
@@ -42,7 +40,7 @@ def read_study(
 
 
 def content_hash(
-    path: str | os.PathLike[str], modality: str, *, max_bytes: int = DEFAULT_MAX_BYTES
+    path: str | os.PathLike[str], modality: str | Modality, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> str:
     """sha256 hex of what determines the decoded image, without decoding pixels.
 
@@ -51,7 +49,7 @@ def content_hash(
     ``read_ct_series`` would use, in position order; never the path, UIDs or patient tags.
     ``"CTPA"``: a series folder; ``"CXR"``: one file. Raises DicomError like the readers.
     """
-    if _check_modality(modality) == "CTPA":
+    if _check_modality(modality) is Modality.CTPA:
         return _read_ct(
             path,
             max_bytes=max_bytes,
