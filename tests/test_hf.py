@@ -129,3 +129,25 @@ def test_the_encoder_is_the_saved_model_with_the_cards_normalisation(
         want = {"auto": out.pooler_output, "cls": out.last_hidden_state[:, 0],
                 "mean": out.last_hidden_state.mean(1)}[pool]
         assert torch.allclose(enc(x), want, atol=1e-5)
+
+
+def test_a_2_5d_ct_encoder_over_an_hf_model(tmp_path: Path) -> None:
+    from embedstore.models.encoders import EncoderCard, EncoderSpec, create_encoder, hf_spec
+
+    from embedstore.identity import preprocess_for
+
+    vit = _save_vit(tmp_path / "vit")
+    inner = hf_spec(vit)
+    card = EncoderCard(modality="CTPA", input_size=(8, 32, 32), embed_dim=32, resize="fit",
+                       hu_clip=(-1024.0, 3071.0), hu_windows=((700.0, 100.0), (1500.0, -600.0),
+                                                              (400.0, -800.0)),
+                       mean=inner.card.mean, std=inner.card.std, pretrained=True,
+                       licence="test", source="test")
+    spec = EncoderSpec(name="ct-hf", family="volume25d", weights=str(vit), card=card,
+                       params={"inner": {"family": "hf", "params": inner.to_dict()["params"]},
+                               "input_size": [8, 32, 32], "pool": "max"})
+    enc = create_encoder(spec)  # the inner hf model takes the volume spec's weights
+    vol = torch.rand(1, 8, 32, 32, generator=torch.Generator().manual_seed(0)) * 1500 - 1000
+    with torch.inference_mode():
+        assert enc(vol).shape == (1, 32)
+    assert preprocess_for(enc, "CTPA").ct_shape == (8, 32, 32)
