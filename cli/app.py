@@ -156,15 +156,26 @@ def extract(
     where: Annotated[str | None, typer.Option(help="SQL predicate over `studies` choosing the cohort.")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: this job's deterministic share (or torchrun's RANK/WORLD_SIZE).")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first failed study.")] = False,
+    max_memory: Annotated[str | None, typer.Option(help="Memory for decoding: worker buffers + decoded studies waiting for the encoder, e.g. 8GB, 8GiB, 50% (default: half the RAM). A study needing more is refused (over_memory_budget).")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Also retry studies quarantined because a decode worker died on them (worker_died); other failures are always retried.")] = False,
+    missing_rescale: Annotated[str, typer.Option(help="CT slices without RescaleSlope/Intercept: refuse (reason missing_rescale), assume-1024 or assume-0 (slope 1, that intercept; changes their cache key).")] = "refuse",
     json_out: JsonOpt = False,
 ) -> None:
-    """Embed a modality's studies into STORE; resumes automatically; exit 1 if any study failed."""
+    """Embed a modality's studies into STORE; resumes automatically; exit 1 if any study failed.
+
+    A study whose decode worker dies (out of memory, crashing decoder) is recorded as worker_died
+    and skipped by later runs unless --retry-failed. SIGINT/SIGTERM stop after committing what
+    is embedded (exit 1, one "Error: Interrupted by ..." line). With several encoders
+    (--encoder a,b) each runs in turn and gets its own summary line.
+    """
     from embedstore.encoders import parse_encoder_list
     from embedstore.extract import ExtractConfig, extract_each, parse_shard
 
     cfg = ExtractConfig(modality=modality, weights=str(weights) if weights else None,
                         card=str(card) if card else None, batch_size=batch_size, workers=workers,
-                        device=device, where=where, shard=parse_shard(shard), strict=strict)
+                        device=device, where=where, shard=parse_shard(shard), strict=strict,
+                        max_memory=max_memory, retry_failed=retry_failed,
+                        missing_rescale=missing_rescale)
     reporter = _reporter(json_out)
     bars, bar = contextlib.ExitStack(), []
 
