@@ -8,6 +8,7 @@ progress through it and never prints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import typer
 from embedstore.cli import render
 from embedstore.cli.progress import RichReporter
 
+from embedstore.domain import Modality
 from embedstore.errors import USER_ERRORS
 from embedstore.progress import NULL_REPORTER, Reporter
 
@@ -144,9 +146,10 @@ def manifest_import_rspect(
 def extract(
     store: StoreArg,
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Manifest (.parquet/.csv).")],
-    modality: Annotated[str, typer.Option(help="cxr or ctpa.")],
-    encoder: Annotated[str | None, typer.Option(help="Encoder name (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
+    modality: Annotated[Modality, typer.Option(case_sensitive=False, help="Modality to embed.")],
+    encoder: Annotated[str | None, typer.Option(help="Encoder name, hf:DIR (a transformers save_pretrained folder), or several separated by commas, run in turn (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file for the encoder.")] = None,
+    card: Annotated[Path | None, typer.Option(help="Card file (TOML/JSON) overriding the encoder's card fields (see `embedstore encoders --card NAME`).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoder batch size.")] = 16,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (0 = inline; default: one per core).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
@@ -162,23 +165,33 @@ def extract(
 
     A study whose decode worker dies (out of memory, crashing decoder) is recorded as worker_died
     and skipped by later runs unless --retry-failed. SIGINT/SIGTERM stop after committing what
-    is embedded (exit 1, one "Error: Interrupted by ..." line).
+    is embedded (exit 1, one "Error: Interrupted by ..." line). With several encoders
+    (--encoder a,b) each runs in turn and gets its own summary line.
     """
-    from embedstore.extract import ExtractConfig, parse_shard
-    from embedstore.extract import extract as extract_
+    from embedstore.encoders import parse_encoder_list
+    from embedstore.extract import ExtractConfig, extract_each, parse_shard
 
-    cfg = ExtractConfig(modality=modality, encoder=encoder, weights=str(weights) if weights else None,
-                        batch_size=batch_size, workers=workers, device=device, where=where,
-                        shard=parse_shard(shard), strict=strict, max_memory=max_memory,
-                        retry_failed=retry_failed, missing_rescale=missing_rescale)
+    cfg = ExtractConfig(modality=modality, weights=str(weights) if weights else None,
+                        card=str(card) if card else None, batch_size=batch_size, workers=workers,
+                        device=device, where=where, shard=parse_shard(shard), strict=strict,
+                        max_memory=max_memory, retry_failed=retry_failed,
+                        missing_rescale=missing_rescale)
     reporter = _reporter(json_out)
-    with reporter.bar(f"extract {cfg.modality}", None) as bar:
-        summary = extract_(store, manifest, cfg, on_progress=lambda s, total: bar.update(
-            s.done + s.cached + s.failed, total=total, status=s))
-    reporter.done(summary)
+    bars, bar = contextlib.ExitStack(), []
+
+    def start(i: int, name: str) -> None:  # one bar per encoder
+        bars.close()
+        bar[:] = [bars.enter_context(reporter.bar(f"extract {cfg.modality} {name}", None))]
+
+    with bars:
+        summaries = extract_each(store, manifest, cfg, parse_encoder_list(encoder), on_start=start,
+                                 on_progress=lambda s, total: bar[0].update(
+                                     s.done + s.cached + s.failed, total=total, status=s))
+    for summary in summaries:
+        reporter.done(summary)
     if json_out:
-        render.print_json(summary)
-    if summary.failed:
+        render.print_json(summaries[0] if len(summaries) == 1 else summaries)
+    if any(s.failed for s in summaries):
         raise typer.Exit(1)
 
 
@@ -239,15 +252,20 @@ def gc(
 
 @app.command()
 @_user_errors
-def encoders(json_out: JsonOpt = False) -> None:
-    """List the registered frozen encoders."""
-    from embedstore.extract import registered_encoders
+def encoders(
+    card: Annotated[str | None, typer.Option("--card", metavar="NAME", help="Print the card of this encoder (a registered name or hf:DIR) instead of the list.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the registered frozen encoders, or print one encoder's card."""
+    from embedstore.encoders import encoder_card, registered_encoders
 
-    rows = registered_encoders()
+    data: Any = encoder_card(card) if card is not None else registered_encoders()
     if json_out:
-        render.print_json(rows)
+        render.print_json(data)
+    elif card is not None:
+        render.encoder_card(data)
     else:
-        render.encoder_list(rows)
+        render.encoder_list(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +381,7 @@ def eval_(
 def index_build(
     store: StoreArg,
     encoder: Annotated[str, typer.Option(help="Encoder key of the embedding set.")],
-    modality: Annotated[str | None, typer.Option(help="cxr or ctpa (default: the set's own).")] = None,
+    modality: Annotated[Modality | None, typer.Option(case_sensitive=False, help="Modality of the set (default: the set's own).")] = None,
     kind: Annotated[str, typer.Option(help="auto, flat, ivf or hnsw.")] = "auto",
 ) -> None:
     """Build (or verify and reuse) a FAISS index over an embedding set."""

@@ -285,9 +285,32 @@ def gc_report(rep: GcReport) -> None:
 
 
 def encoder_list(rows: Sequence[Mapping[str, Any]]) -> None:
-    print_table([Col("name", wrap=True), Col("family", wrap=True), Col("params", wrap=True)],
-                [[r["name"], r["family"], json.dumps(r["params"], default=str)] for r in rows],
-                title="registered encoders (random-init unless you pass --weights)", align="center")
+    def card(r: Mapping[str, Any]) -> str:
+        if r.get("modality") is None:
+            return "no card"
+        size = "x".join(str(v) for v in r["input_size"])
+        return f"{r['modality']} {size} -> {r['embed_dim']}" + (
+            "" if r["pretrained"] else ", random init")
+
+    print_table([Col("name", wrap=True), Col("family", wrap=True), Col("card", wrap=True),
+                 Col("params", wrap=True)],
+                [[r["name"], r["family"], card(r), json.dumps(r["params"], default=str)]
+                 for r in rows],
+                title="registered encoders (`embedstore encoders --card NAME` for one card)",
+                align="center")
+
+
+def encoder_card(data: Mapping[str, Any]) -> None:
+    """One encoder's card (``embedstore encoders --card NAME``) as ``field: value`` lines."""
+    card = data["card"]
+    head = f"Card of {data['name']} ({data['family']})"
+    if data.get("derived"):
+        head += ": derived (random-init encoder registered without a card)"
+    typer.echo(head)
+    width = max(len(k) for k in card)
+    for k, v in card.items():
+        text = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+        typer.echo(f"  {k.ljust(width)}  {text}")
 
 
 # ------------------------------------------------------------------------------------------------

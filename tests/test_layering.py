@@ -78,6 +78,12 @@ def _module_path(module: str) -> Path | None:
     return target.with_suffix(".py") if target.with_suffix(".py").is_file() else None
 
 
+def _type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
 def _reachable(module: str) -> set[str]:
     """Every module the import of ``module`` can load, following embedstore's own imports
     (function-level ones too, so a lazy import cannot hide a dependency) and parent packages."""
@@ -93,6 +99,8 @@ def _reachable(module: str) -> set[str]:
             continue
         todo.extend(".".join(mod.split(".")[:k]) for k in range(1, mod.count(".") + 1))
         tree = ast.parse(path.read_text(), filename=str(path))
+        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and _type_checking(n)]:
+            block.body = []  # `if TYPE_CHECKING:` imports never run
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 todo.extend(a.name for a in node.names)
@@ -122,7 +130,8 @@ def test_decode_workers_import_only_the_dicom_and_preprocess_layers() -> None:
     # spawned decode workers must not pay for the store, the catalog or the encoders
     allowed = {"embedstore", "embedstore._decode", "embedstore._faults", "embedstore.errors",
                "embedstore.preprocess",
-               "embedstore.pseudonym", "embedstore.models", "embedstore.models.errors"}
+               "embedstore.pseudonym", "embedstore.models", "embedstore.models.errors",
+               "embedstore.domain", "embedstore.models.domain"}
     ours = {m for m in _reachable("embedstore._decode") if m.startswith("embedstore")}
     extra = {m for m in ours - allowed if m != "embedstore.dicom" and not m.startswith("embedstore.dicom.")}
     assert "embedstore.dicom.series" in ours  # the walk does follow the package

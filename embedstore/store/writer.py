@@ -35,6 +35,7 @@ from embedstore.store.format import (
     canonical,
     check_encoder_key,
     check_modality,
+    compared_spec,
     iso,
     utcnow,
 )
@@ -396,7 +397,7 @@ class StoreWriter:
             atomic_write_bytes(spec_path, json.dumps(doc, indent=2, sort_keys=True).encode())
         have = self._set.doc()
         for k in ("dim", "dtype", "tokens_shape", "spec"):
-            if have.get(k) != doc[k]:
+            if compared_spec(have.get(k)) != compared_spec(doc[k]):  # provenance is not identity
                 raise StoreFormatError(
                     f"Embedding set {self._set.name!r} already exists with {k}={have.get(k)!r}, "
                     f"but this writer has {k}={doc[k]!r}. A changed encoder or preprocessing "
