@@ -1,21 +1,27 @@
 """The ``embedstore`` command line: one thin command per verb over the library.
 
-Each command parses options, makes one library call, prints the result (a rich table, or JSON
-with ``--json``) and maps library errors to ``Error: <message>`` on stderr with exit code 1.
+Each command parses options, makes one library call, renders the returned data (``render``: a
+table, or JSON with ``--json``) and maps library errors to ``Error: <message>`` on stderr with
+exit code 1. Long calls get the rich reporter (``progress.RichReporter``): the library reports
+progress through it and never prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from embedstore.cli import render
+from embedstore.cli.progress import RichReporter
 
+from embedstore.domain import Modality
 from embedstore.errors import USER_ERRORS
+from embedstore.progress import NULL_REPORTER, Reporter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,8 +62,9 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+def _reporter(json_out: bool = False) -> Reporter:
+    """Rich bars and step lines, or nothing when stdout carries JSON."""
+    return NULL_REPORTER if json_out else RichReporter()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,14 +86,11 @@ def synth(
     from embedstore.synth import run_synth
 
     res = run_synth(out_dir, n_patients=patients, seed=seed, workers=workers, preview=preview,
-                    progress=not json_out)
+                    reporter=_reporter(json_out))
     if json_out:
-        _print_json(res)
+        render.print_json(res)
     else:
-        typer.echo(f"Wrote {res['n_patients']} patients ({res['n_positive']} PE-positive) to "
-                   f"{res['manifest_path']} in {res['seconds']:.1f} s.")
-        if res.get("preview_path"):
-            typer.echo(f"Preview of a few cases: {res['preview_path']}")
+        render.synth_result(res)
 
 
 @manifest_app.command("validate")
@@ -98,9 +102,7 @@ def manifest_validate(
     """Validate a manifest; the first bad row is named with the fix."""
     from embedstore.manifest import summarize_manifest
 
-    s = summarize_manifest(manifest, check_paths=check_paths)
-    typer.echo(f"OK: {s['rows']} studies, {s['patients']} patients; by modality {s['by_modality']}; "
-               f"by split {s['by_split']}; labelled {s['labelled']}.")
+    render.manifest_summary(summarize_manifest(manifest, check_paths=check_paths))
 
 
 @manifest_app.command("import-paired")
@@ -115,9 +117,8 @@ def manifest_import_paired(
     """Import the published method's paired CSV (accessions are pseudonymised with your key)."""
     from embedstore.manifest import import_paired_csv_with_env_key
 
-    r = import_paired_csv_with_env_key(csv_path, ct_dir=ct_dir, cxr_dir=cxr_dir, out_dir=out, seed=seed)
-    typer.echo(f"Wrote {r.manifest_path}: {r.n_rows} studies, {r.n_patients} patients; "
-               f"excluded {dict(r.excluded) or 'none'}.")
+    render.import_result(import_paired_csv_with_env_key(csv_path, ct_dir=ct_dir, cxr_dir=cxr_dir,
+                                                        out_dir=out, seed=seed))
 
 
 @manifest_app.command("import-rspect")
@@ -131,8 +132,8 @@ def manifest_import_rspect(
     """Import RSNA RSPECT train.csv, one CTPA row per series; indeterminate exams are excluded."""
     from embedstore.manifest import import_rspect_with_env_key
 
-    r = import_rspect_with_env_key(train_csv, images_dir=images, out_dir=out, seed=seed)
-    typer.echo(f"Wrote {r.manifest_path}: {r.n_rows} series; excluded {dict(r.excluded) or 'none'}.")
+    render.import_result(import_rspect_with_env_key(train_csv, images_dir=images, out_dir=out, seed=seed),
+                         patients=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,27 +146,52 @@ def manifest_import_rspect(
 def extract(
     store: StoreArg,
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Manifest (.parquet/.csv).")],
-    modality: Annotated[str, typer.Option(help="cxr or ctpa.")],
-    encoder: Annotated[str | None, typer.Option(help="Encoder name (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
+    modality: Annotated[Modality, typer.Option(case_sensitive=False, help="Modality to embed.")],
+    encoder: Annotated[str | None, typer.Option(help="Encoder name, hf:DIR (a transformers save_pretrained folder), or several separated by commas, run in turn (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file for the encoder.")] = None,
+    card: Annotated[Path | None, typer.Option(help="Card file (TOML/JSON) overriding the encoder's card fields (see `embedstore encoders --card NAME`).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoder batch size.")] = 16,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (0 = inline; default: one per core).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     where: Annotated[str | None, typer.Option(help="SQL predicate over `studies` choosing the cohort.")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: this job's deterministic share (or torchrun's RANK/WORLD_SIZE).")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first failed study.")] = False,
+    max_memory: Annotated[str | None, typer.Option(help="Memory for decoding: worker buffers + decoded studies waiting for the encoder, e.g. 8GB, 8GiB, 50% (default: half the RAM). A study needing more is refused (over_memory_budget).")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Also retry studies quarantined because a decode worker died on them (worker_died); other failures are always retried.")] = False,
+    missing_rescale: Annotated[str, typer.Option(help="CT slices without RescaleSlope/Intercept: refuse (reason missing_rescale), assume-1024 or assume-0 (slope 1, that intercept; changes their cache key).")] = "refuse",
     json_out: JsonOpt = False,
 ) -> None:
-    """Embed a modality's studies into STORE; resumes automatically; exit 1 if any study failed."""
-    from embedstore.extract import ExtractConfig, parse_shard, run_extract
+    """Embed a modality's studies into STORE; resumes automatically; exit 1 if any study failed.
 
-    cfg = ExtractConfig(modality=modality, encoder=encoder, weights=str(weights) if weights else None,
-                        batch_size=batch_size, workers=workers, device=device, where=where,
-                        shard=parse_shard(shard), strict=strict, progress=not json_out)
-    summary = run_extract(store, manifest, cfg)
+    A study whose decode worker dies (out of memory, crashing decoder) is recorded as worker_died
+    and skipped by later runs unless --retry-failed. SIGINT/SIGTERM stop after committing what
+    is embedded (exit 1, one "Error: Interrupted by ..." line). With several encoders
+    (--encoder a,b) each runs in turn and gets its own summary line.
+    """
+    from embedstore.encoders import parse_encoder_list
+    from embedstore.extract import ExtractConfig, extract_each, parse_shard
+
+    cfg = ExtractConfig(modality=modality, weights=str(weights) if weights else None,
+                        card=str(card) if card else None, batch_size=batch_size, workers=workers,
+                        device=device, where=where, shard=parse_shard(shard), strict=strict,
+                        max_memory=max_memory, retry_failed=retry_failed,
+                        missing_rescale=missing_rescale)
+    reporter = _reporter(json_out)
+    bars, bar = contextlib.ExitStack(), []
+
+    def start(i: int, name: str) -> None:  # one bar per encoder
+        bars.close()
+        bar[:] = [bars.enter_context(reporter.bar(f"extract {cfg.modality} {name}", None))]
+
+    with bars:
+        summaries = extract_each(store, manifest, cfg, parse_encoder_list(encoder), on_start=start,
+                                 on_progress=lambda s, total: bar[0].update(
+                                     s.done + s.cached + s.failed, total=total, status=s))
+    for summary in summaries:
+        reporter.done(summary)
     if json_out:
-        _print_json(summary.to_dict())
-    if summary.failed:
+        render.print_json(summaries[0] if len(summaries) == 1 else summaries)
+    if any(s.failed for s in summaries):
         raise typer.Exit(1)
 
 
@@ -179,27 +205,36 @@ def query(
     timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 30.0,
 ) -> None:
     """Run read-only SQL over the store's catalog (writes, ATTACH, SET, file access are refused)."""
-    from embedstore.tabular import query_to_output
+    from embedstore.query import query as query_
 
-    query_to_output(store, sql, fmt=fmt, out=out, timeout_s=timeout)
+    render.query_result(query_(store, sql, fmt=fmt, out=out, timeout_s=timeout))
 
 
 @app.command()
 @_user_errors
 def info(store: StoreArg, json_out: JsonOpt = False) -> None:
     """What is in a store: modalities, encoder keys and specs, counts, failures, size on disk."""
-    from embedstore.tabular import show_info
+    from embedstore.store import open_store
 
-    show_info(store, as_json=json_out)
+    info = open_store(store).info()
+    if json_out:
+        render.print_json(info)
+    else:
+        render.store_info(info)
 
 
 @app.command()
 @_user_errors
 def verify(store: StoreArg, json_out: JsonOpt = False) -> None:
     """Check every committed row (checksums, shapes, fill values, alignment); modifies nothing."""
-    from embedstore.tabular import show_verify
+    from embedstore.store import open_store
 
-    if not show_verify(store, as_json=json_out):
+    rep = open_store(store).verify()
+    if json_out:
+        render.print_json(rep)
+    else:
+        render.verify_report(rep)
+    if not rep.ok:
         raise typer.Exit(1)
 
 
@@ -210,9 +245,9 @@ def gc(
     yes: Annotated[bool, typer.Option("--yes", help="Actually remove (default: dry run listing).")] = False,
 ) -> None:
     """Remove superseded or unreferenced embeddings and orphan files (dry run unless --yes)."""
-    from embedstore.tabular import show_gc
+    from embedstore.store import open_store
 
-    show_gc(store, apply=yes)
+    render.gc_report(open_store(store).gc(dry_run=not yes))
 
 
 @app.command()
@@ -224,22 +259,27 @@ def upgrade(store: StoreArg, json_out: JsonOpt = False) -> None:
 
     rep = upgrade_store(store).to_dict()
     if json_out:
-        _print_json(rep)
-    elif rep["from_version"] == rep["to_version"]:
-        typer.echo(f"Nothing to do: {store} is already schema_version {rep['to_version']}.")
+        render.print_json(rep)
     else:
-        typer.echo(f"Upgraded {store} from schema_version {rep['from_version']} to "
-                   f"{rep['to_version']}: {rep['rows']} rows in {rep['segments']} segments, "
-                   f"{rep['failure_logs']} failure logs.")
+        render.upgrade_report(store, rep)
 
 
 @app.command()
 @_user_errors
-def encoders(json_out: JsonOpt = False) -> None:
-    """List the registered frozen encoders."""
-    from embedstore.tabular import show_encoders
+def encoders(
+    card: Annotated[str | None, typer.Option("--card", metavar="NAME", help="Print the card of this encoder (a registered name or hf:DIR) instead of the list.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the registered frozen encoders, or print one encoder's card."""
+    from embedstore.encoders import encoder_card, registered_encoders
 
-    show_encoders(as_json=json_out)
+    data: Any = encoder_card(card) if card is not None else registered_encoders()
+    if json_out:
+        render.print_json(data)
+    elif card is not None:
+        render.encoder_card(data)
+    else:
+        render.encoder_list(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,8 +298,9 @@ def _train(kind: str, store: Path, options: dict[str, Any], config: Path | None,
            sweep: list[str] | None = None) -> None:
     from embedstore.train import run_training
 
-    run_training(kind, store, options={k: v for k, v in options.items() if v is not None},
-                 config_file=config, sweep=sweep or [])
+    res = run_training(kind, store, options={k: v for k, v in options.items() if v is not None},
+                       config_file=config, sweep=sweep or [], reporter=_reporter())
+    render.sweep_comparison(res)
 
 
 def _classifier_command(kind: str, doc: str) -> None:
@@ -336,13 +377,17 @@ def eval_(
 ) -> None:
     """Paper-style table (AUC + 95% CI, accuracy, sensitivity, specificity), ROC/calibration plots,
     paired DeLong comparisons, retrieval diagnostics and a self-contained HTML report."""
-    from embedstore.evaluate import EvalConfig, run_eval
+    from embedstore.evaluate import EvalConfig, evaluate
 
-    res = run_eval(store, EvalConfig(runs=tuple(run) + tuple(compare or ()), split=split, out_dir=out,
-                                     num_samples=samples, n_bootstrap=bootstrap, seed=seed),
-                   show=not json_out)
+    cfg = EvalConfig(runs=tuple(run) + tuple(compare or ()), split=split, out_dir=out,
+                     num_samples=samples, n_bootstrap=bootstrap, seed=seed)
+    if not json_out:
+        render.eval_start(len(cfg.runs), cfg.split)
+    res = evaluate(store, cfg)
     if json_out:
-        _print_json(res)
+        render.print_json(res)
+    else:
+        render.eval_result(res)
 
 
 @index_app.command("build")
@@ -350,15 +395,13 @@ def eval_(
 def index_build(
     store: StoreArg,
     encoder: Annotated[str, typer.Option(help="Encoder key of the embedding set.")],
-    modality: Annotated[str | None, typer.Option(help="cxr or ctpa (default: the set's own).")] = None,
+    modality: Annotated[Modality | None, typer.Option(case_sensitive=False, help="Modality of the set (default: the set's own).")] = None,
     kind: Annotated[str, typer.Option(help="auto, flat, ivf or hnsw.")] = "auto",
 ) -> None:
     """Build (or verify and reuse) a FAISS index over an embedding set."""
     from embedstore.retrieval import build_store_index
 
-    r = build_store_index(store, encoder_key=encoder, modality=modality, kind=kind)
-    typer.echo(f"{'Built' if r['rebuilt'] else 'Verified'} {r['kind']} index of {r['ntotal']} vectors: "
-               f"{r['path']}")
+    render.index_built(build_store_index(store, encoder_key=encoder, modality=modality, kind=kind))
 
 
 @app.command()
@@ -371,9 +414,13 @@ def neighbors(
     json_out: JsonOpt = False,
 ) -> None:
     """Nearest studies (cosine) with their labels and metadata, for case review."""
-    from embedstore.retrieval import show_neighbors
+    from embedstore.retrieval import neighbors as neighbors_
 
-    show_neighbors(store, study_id, k=k, encoder_key=encoder, as_json=json_out)
+    rows = neighbors_(store, study_id, k=k, encoder_key=encoder)
+    if json_out:
+        render.print_json(rows)
+    else:
+        render.neighbor_table(study_id, rows)
 
 
 @app.command()
@@ -388,8 +435,10 @@ def demo(
     """The whole pipeline on the built-in synthetic cohort: synth -> extract -> train -> eval."""
     from embedstore.demo import run_demo
 
-    run_demo(workdir, patients=patients, seed=seed, label_fraction=label_fraction,
-             fractions=tuple(float(f) for f in fractions.split(",") if f.strip()))
+    res = run_demo(workdir, patients=patients, seed=seed, label_fraction=label_fraction,
+                   fractions=tuple(float(f) for f in fractions.split(",") if f.strip()),
+                   reporter=_reporter())
+    render.demo_result(res)
 
 
 def main() -> None:

@@ -7,6 +7,9 @@
 
 Runs get deterministic names (``teacher-f0.25-s0`` ...) so a second `make demo` reuses them and
 says so; delete ``WORKDIR/store/runs/<name>`` (or the whole WORKDIR) to recompute.
+
+The demo prints nothing itself: it reports stages, bars and finished steps to a ``Reporter``
+(``embedstore.progress``) and returns a ``DemoResult``; ``embedstore demo`` renders both.
 """
 
 from __future__ import annotations
@@ -16,26 +19,41 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from embedstore.errors import ConfigError, RunNotFoundError
-from embedstore.evaluate import EvalConfig, evaluate, print_results, results_summary
-from embedstore.extract import ExtractConfig, run_extract
-from embedstore.progress import console
+from embedstore.evaluate import EvalConfig, EvalResult, evaluate, results_summary
+from embedstore.extract import ExtractConfig, ExtractSummary, extract
+from embedstore.progress import Reporter, reporter_or_null
 from embedstore.runs import Run, load_run
 from embedstore.store import open_store
 from embedstore.train import train_baselines, train_classifier, train_prior
 
-__all__ = ["DEFAULT_PATIENTS", "run_demo"]
+__all__ = ["DEFAULT_PATIENTS", "DemoResult", "run_demo"]
 
 DEFAULT_PATIENTS = 800
-T = TypeVar("T")
 
 
-def _stage(i: int, n: int, title: str) -> float:
-    console.rule(f"[bold][{i}/{n}] {title}")
-    return time.perf_counter()
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo produced: ``summary`` is the content of ``results_path`` (results.json),
+    ``evaluation`` the full evaluation, ``timings_s`` seconds per stage (and ``total_s``)."""
+
+    summary: dict[str, Any]
+    evaluation: EvalResult
+    results_path: Path
+    timings_s: dict[str, float]
+
+
+def _extract(reporter: Reporter, store_dir: Path, manifest: Path, modality: str) -> ExtractSummary:
+    cfg = ExtractConfig(modality=modality)
+    with reporter.bar(f"extract {cfg.modality}", None) as bar:
+        summary = extract(store_dir, manifest, cfg, on_progress=lambda s, total: bar.update(
+            s.done + s.cached + s.failed, total=total, status=s))
+    reporter.done(summary)
+    return summary
 
 
 def _reuse_or_train(store_root: Path, name: str, train: Callable[[], Run]) -> tuple[Run, bool]:
@@ -60,10 +78,20 @@ def run_demo(
     seed: int = 0,
     label_fraction: float = 0.25,
     fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0),
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run synth -> extract (CXR, CTPA) -> train -> eval and print the results table."""
+    reporter: Reporter | None = None,
+) -> DemoResult:
+    """Run synth -> extract (CXR, CTPA) -> train -> eval; write results.json and return it all.
+
+    ``reporter`` is told each stage, given every bar and finished step, and a line of narration
+    where something was reused."""
     from embedstore.synth import run_synth
+
+    rep = reporter_or_null(reporter)
+    steps = 5
+
+    def stage(i: int, title: str) -> float:
+        rep.stage(i, steps, title)
+        return time.perf_counter()
 
     t_all = time.perf_counter()
     n = patients or DEFAULT_PATIENTS
@@ -72,23 +100,21 @@ def run_demo(
     work = Path(workdir)
     cohort, store_dir, report = work / "cohort", work / "store", work / "report"
     fracs = sorted({*fractions, label_fraction})
-    steps = 5
     timings: dict[str, float] = {}
 
-    t0 = _stage(1, steps, f"Synthetic cohort: {n} patients, seed {seed}")
-    res = run_synth(cohort, n_patients=n, seed=seed, preview=True, progress=progress)
-    console.print(f"{'reused' if res.get('reused') else 'wrote'} {res['manifest_path']} "
-                  f"({res['n_positive']} PE-positive); preview: {res.get('preview_path')}")
+    t0 = stage(1, f"Synthetic cohort: {n} patients, seed {seed}")
+    res = run_synth(cohort, n_patients=n, seed=seed, preview=True, reporter=rep)
+    rep.message(f"{'reused' if res.get('reused') else 'wrote'} {res['manifest_path']} "
+                f"({res['n_positive']} PE-positive); preview: {res.get('preview_path')}")
     timings["synth_s"] = time.perf_counter() - t0
 
-    t0 = _stage(2, steps, "Extract embeddings (frozen demo encoders, random-init)")
+    t0 = stage(2, "Extract embeddings (frozen demo encoders, random-init)")
     for modality in ("cxr", "ctpa"):
-        run_extract(store_dir, cohort / "manifest.parquet",
-                    ExtractConfig(modality=modality, progress=progress))
+        _extract(rep, store_dir, cohort / "manifest.parquet", modality)
     timings["extract_s"] = time.perf_counter() - t0
 
-    t0 = _stage(3, steps, "Train teacher, CXR-only, prior at label fractions "
-                + ", ".join(f"{f:g}" for f in fracs))
+    t0 = stage(3, "Train teacher, CXR-only, prior at label fractions "
+               + ", ".join(f"{f:g}" for f in fracs))
     main: dict[str, Run] = {}
     reused: list[str] = []
     for f in fracs:
@@ -96,11 +122,11 @@ def run_demo(
         runs = {}
         for kind, fn in (
             ("teacher", functools.partial(train_classifier, store_dir, "teacher", label_fraction=f,
-                                          seed=seed, name=f"teacher-{tag}", progress=progress)),
+                                          seed=seed, name=f"teacher-{tag}", reporter=rep)),
             ("cxr", functools.partial(train_classifier, store_dir, "cxr", label_fraction=f,
-                                      seed=seed, name=f"cxr-{tag}", progress=progress)),
+                                      seed=seed, name=f"cxr-{tag}", reporter=rep)),
             ("prior", functools.partial(train_prior, store_dir, teacher=f"teacher-{tag}", seed=seed,
-                                        name=f"prior-{tag}", progress=progress)),
+                                        name=f"prior-{tag}", reporter=rep)),
         ):
             runs[kind], was_reused = _reuse_or_train(store_dir, f"{kind}-{tag}", fn)
             if was_reused:
@@ -108,43 +134,42 @@ def run_demo(
         if f == label_fraction:
             main = runs
     if reused:
-        console.print(f"reused {len(reused)} runs (validation AUC): {', '.join(reused)}. Delete "
-                      f"{store_dir / 'runs'}/<run> to retrain one.", markup=False)
+        rep.message(f"reused {len(reused)} runs (validation AUC): {', '.join(reused)}. Delete "
+                    f"{store_dir / 'runs'}/<run> to retrain one.")
     timings["train_s"] = time.perf_counter() - t0
 
-    t0 = _stage(4, steps, "Deterministic ablations (ridge regressions on the same pairs)")
+    t0 = stage(4, "Deterministic ablations (ridge regressions on the same pairs)")
     tag = f"{_fraction_tag(label_fraction)}-s{seed}"
     ridge = []
     for kind in ("ridge_logit", "ridge_embed"):
         name = f"baseline-{tag}-{kind}"
         try:
             ridge.append(load_run(store_dir / "runs", name))
-            console.print(f"reused run {name}", markup=False)
+            rep.message(f"reused run {name}")
         except RunNotFoundError:
             ridge = train_baselines(store_dir, teacher=f"teacher-{tag}", seed=seed,
-                                    name=f"baseline-{tag}", progress=progress)
+                                    name=f"baseline-{tag}", reporter=rep)
             break
     timings["baselines_s"] = time.perf_counter() - t0
 
-    t0 = _stage(5, steps, "Evaluate on the test split")
+    t0 = stage(5, "Evaluate on the test split")
     runs = tuple(r.run_id for r in (main["teacher"], main["cxr"], main["prior"], *ridge))
     results = evaluate(store_dir, EvalConfig(runs=runs, out_dir=report, seed=seed))
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
-    print_results(results)
     summary = {
         "cohort": {"patients": n, "seed": seed, "label_fraction": label_fraction,
-                   "test_n": results["n"], "test_pos": results["n_pos"], "synthetic": True},
+                   "test_n": results.n, "test_pos": results.n_pos, "synthetic": True},
         "models": results_summary(results),
-        "retrieval": results["retrieval"],
-        "label_efficiency": results.get("label_efficiency", []),
-        "report": results["report"],
+        "retrieval": results.retrieval,
+        "label_efficiency": results.label_efficiency or [],
+        "report": str(results.report),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "store_size": open_store(store_dir).info().get("size_bytes"),
     }
     # The headline entries are top level too, as scripts expect: results["distilled"]["auc"].
     summary.update(summary["models"])
-    (work / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    console.print(f"Results table: {work / 'results.json'}   ({timings['total_s']:.0f} s in total: "
-                  + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items() if k != "total_s") + ")")
-    return summary
+    results_path = work / "results.json"
+    results_path.write_text(json.dumps(summary, indent=2, default=str))
+    return DemoResult(summary=summary, evaluation=results, results_path=results_path,
+                      timings_s=dict(timings))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,21 +18,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from rich import box
-from rich.table import Table
 
 from embedstore import metrics as M
 from embedstore import plots
 from embedstore.errors import ConfigError
 from embedstore.fit import predict_student
 from embedstore.index import retrieval_metrics, shuffled_control
-from embedstore.progress import console, err_console
 from embedstore.report import markdown_table, write_html_report
 from embedstore.runs import Run, list_runs, load_run
 from embedstore.store import Store, open_store
 from embedstore.train import load_model
 
-__all__ = ["EvalConfig", "MODEL_NAMES", "evaluate", "run_eval", "results_summary"]
+__all__ = ["EvalConfig", "EvalResult", "MODEL_NAMES", "evaluate", "results_summary"]
 
 #: Display names and results.json keys per run kind.
 MODEL_NAMES = {
@@ -63,6 +60,44 @@ class EvalConfig:
             raise ConfigError(f"--split must be val or test, got {self.split!r}.")
         if self.num_samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {self.num_samples}.")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What ``evaluate`` computed; ``to_dict()`` is the content of ``metrics.json``.
+
+    ``models`` has one row per compared run (``key``, ``model``, ``run_id``, AUC with CIs,
+    thresholded metrics, and ``delta_auc_vs_cxr_only`` where it applies); ``comparisons`` the
+    paired DeLong / bootstrap rows; ``retrieval`` the generated-embedding retrieval rows. The
+    optional parts are None when they did not apply (no prior run, fewer than two fractions).
+    """
+
+    split: str
+    n: int
+    n_pos: int
+    models: list[dict[str, Any]]
+    comparisons: list[dict[str, Any]]
+    retrieval: list[dict[str, Any]]
+    config: dict[str, Any]
+    notes: list[str]
+    out_dir: Path
+    report: Path | None = None
+    sampling_grid: dict[str, list[dict[str, Any]]] | None = None
+    uncertainty: dict[str, dict[str, float]] | None = None
+    label_efficiency: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics.json content (key order kept: scripts and diffs read it)."""
+        d: dict[str, Any] = {"split": self.split, "n": self.n, "n_pos": self.n_pos,
+                             "models": self.models, "comparisons": self.comparisons,
+                             "retrieval": self.retrieval}
+        for k in ("sampling_grid", "uncertainty", "label_efficiency"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        d.update({"config": self.config, "notes": self.notes, "out_dir": str(self.out_dir)})
+        if self.report is not None:
+            d["report"] = str(self.report)
+        return d
 
 
 @dataclass
@@ -214,8 +249,11 @@ def _retrieval(scored: list[_Scored], store: Store, vec: _Vectors, u: _Units, cf
     return rows
 
 
-def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> dict[str, Any]:
-    """Score the runs, compute the table, comparisons, figures and report; return the results."""
+def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> EvalResult:
+    """Score the runs, compute the table, comparisons, figures and report; return the results.
+
+    Writes ``metrics.json``, ``metrics.md``, ``predictions.parquet``, the figures and
+    ``report.html`` into ``cfg.out_dir`` (default ``STORE/reports/<time>``)."""
     store = open_store(store_path)
     runs = []
     for ref in cfg.runs:
@@ -285,15 +323,13 @@ def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> dict[str, A
                 plots.plot_label_efficiency(le, out / "label_efficiency.png")
     retrieval = _retrieval(scored, store, vec, u, cfg)
     _write_predictions(out / "predictions.parquet", scored, u, cfg.split)
-    results = {
-        "split": cfg.split, "n": int(len(u.y)), "n_pos": int(u.y.sum()),
-        "models": table, "comparisons": comparisons, "retrieval": retrieval, **extras,
-        "config": {"num_samples": cfg.num_samples, "steps": cfg.steps,
-                   "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed},
-        "notes": _notes(table, comparisons),
-        "out_dir": str(out),
-    }
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_jdefault))
+    results = EvalResult(
+        split=cfg.split, n=int(len(u.y)), n_pos=int(u.y.sum()),
+        models=table, comparisons=comparisons, retrieval=retrieval,
+        config={"num_samples": cfg.num_samples, "steps": cfg.steps,
+                "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed},
+        notes=_notes(table, comparisons), out_dir=out, **extras)
+    (out / "metrics.json").write_text(json.dumps(results.to_dict(), indent=2, default=_jdefault))
     cols = {"model": "Model", "auc": "AUC", "auc_ci": "AUC 95% CI", "accuracy": "Accuracy",
             "sensitivity": "Sensitivity", "specificity": "Specificity", "auprc": "AUPRC", "ece": "ECE"}
     md = [f"# Evaluation ({cfg.split} split, n={len(u.y)}, {int(u.y.sum())} PE-positive)\n",
@@ -306,11 +342,11 @@ def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> dict[str, A
         out / "report.html", title=f"embedstore evaluation — {cfg.split} split",
         table_rows=table, columns=cols, figures=figures,
         configs={sc.label: dict(sc.run.config) for sc in scored},
-        notes=results["notes"], comparisons=comparisons,
+        notes=results.notes, comparisons=comparisons,
         retrieval=[{k: r[k] for k in ("query", "recall@1", "recall@5", "recall@10", "median_rank",
                                       "n")} for r in retrieval])
-    results["report"] = str(report)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_jdefault))
+    results = replace(results, report=report)
+    (out / "metrics.json").write_text(json.dumps(results.to_dict(), indent=2, default=_jdefault))
     return results
 
 
@@ -397,47 +433,10 @@ def _jdefault(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def _ci(ci: Sequence[float]) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def print_results(results: Mapping[str, Any]) -> None:
-    """The paper-style table (fits 80 columns) and the retrieval diagnostics."""
-    t = Table(title=f"{results['split']} split: {results['n']} patients, {results['n_pos']} with PE; "
-                    "thresholds chosen on validation", title_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False, collapse_padding=True, padding=(0, 1))
-    for col in ("model", "AUC [95% CI]", "acc", "sens", "spec", "ΔAUC vs cxr_only"):
-        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
-    for m in results["models"]:
-        delta = ""
-        if "delta_auc_vs_cxr_only" in m:
-            lo, hi = m["delta_auc_ci"]
-            delta = f"{m['delta_auc_vs_cxr_only']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        t.add_row(m["key"], f"{m['auc']:.3f} {_ci(m['auc_ci'])}", f"{m['accuracy']:.2f}",
-                  f"{m['sensitivity']:.2f}", f"{m['specificity']:.2f}", delta)
-    t.caption = ("ctpa_only: CTPA teacher | cxr_only: radiograph classifier | distilled: CXR -> "
-                 "diffusion prior -> teacher | ridge_*: deterministic ablations")
-    t.caption_justify = "left"
-    console.print(t)
-    if results.get("retrieval"):
-        r = Table(title="Retrieval: the patient's own CTPA among the split's, queried with the "
-                        "generated embedding", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, collapse_padding=True, padding=(0, 1))
-        for col in ("query", "R@1", "R@5", "R@10", "median rank", "of"):
-            r.add_column(col, justify="left" if col == "query" else "right", no_wrap=True)
-        for row in results["retrieval"]:
-            r.add_row(row["key"], f"{row['recall@1']:.3f}", f"{row['recall@5']:.3f}",
-                      f"{row['recall@10']:.3f}", f"{row['median_rank']:.0f}", str(row["n_db"]))
-        console.print(r)
-    for n in results.get("notes", [])[2:]:
-        console.print(f"- {n}", markup=False)
-    console.print(f"Report: {results['report']}", markup=False)
-
-
-def results_summary(results: Mapping[str, Any]) -> dict[str, Any]:
+def results_summary(results: EvalResult) -> dict[str, Any]:
     """The compact results.json: one entry per model with the headline numbers."""
     out: dict[str, Any] = {}
-    for m in results["models"]:
+    for m in results.models:
         entry = {k: m[k] for k in ("auc", "auc_ci", "accuracy", "sensitivity", "specificity",
                                    "auprc", "run_id")}
         for k in ("delta_auc_vs_cxr_only", "delta_auc_ci", "delta_auc_delong_p"):
@@ -445,14 +444,3 @@ def results_summary(results: Mapping[str, Any]) -> dict[str, Any]:
                 entry[k] = m[k]
         out[m["key"]] = entry
     return out
-
-
-def run_eval(store_path: str | os.PathLike[str], cfg: EvalConfig, *, show: bool = True
-             ) -> dict[str, Any]:
-    """CLI entry: evaluate, print the table and the report path."""
-    if show:
-        err_console.print(f"Evaluating {len(cfg.runs)} run(s) on the {cfg.split} split ...")
-    results = evaluate(store_path, cfg)
-    if show:
-        print_results(results)
-    return results

@@ -1,84 +1,84 @@
-"""Progress bars and consoles shared by the CLI and the demo (rich, on stderr)."""
+"""How long library calls report progress: a small protocol and its no-op default.
+
+The library never prints. A long call (``synthesize_cohort``, ``train_classifier``, ``run_demo``
+...) takes a ``reporter`` and tells it what happens; what the user sees is the reporter's
+business. The command line passes a rich implementation (``embedstore.cli.progress``); a script
+passes nothing and gets :data:`NULL_REPORTER`, which ignores everything.
+
+What a reporter receives is data, not text to print: a bar's ``status`` is whatever the step knows
+at that moment (an ``ExtractSummary`` during extraction, a training-log row ``{"epoch",
+"train_loss", "val_auc", ...}`` after each epoch), and ``done`` receives a finished step's
+result (an ``ExtractSummary``, a ``Run``). Only :meth:`Reporter.message` carries prose, for the
+demo's narration between stages.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
-
-__all__ = ["console", "err_console", "progress_bar", "Bar"]
-
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+__all__ = ["Bar", "Reporter", "NullBar", "NullReporter", "NULL_REPORTER", "reporter_or_null"]
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        # Average over the whole task: bursty updates (batches) make rich's windowed speed jumpy.
-        elapsed = task.elapsed or 0.0
-        speed = task.completed / elapsed if elapsed > 0 and task.completed else None
-        if not speed:
-            return Text("-/s", style="cyan")
-        return Text(f"{speed / 1000:.1f}k/s" if speed >= 1000 else f"{speed:.1f}/s", style="cyan")
-
-
-class Bar:
-    """Handle of one progress bar: ``update(completed, **fields)``; ``advance(n)``."""
-
-    def __init__(self, progress: Progress | None, task: int | None):
-        self._p, self._t = progress, task
+class Bar(Protocol):
+    """Handle of one progress bar, valid inside its ``with reporter.bar(...)`` block."""
 
     def update(self, completed: float | None = None, *, total: float | None = None,
-               info: str | None = None) -> None:
-        if self._p is None or self._t is None:
-            return
-        kw: dict[str, object] = {}
-        if completed is not None:
-            kw["completed"] = completed
-        if total is not None:
-            kw["total"] = total
-        if info is not None:
-            kw["info"] = info
-        self._p.update(self._t, **kw)  # type: ignore[arg-type]
+               status: object = None) -> None:
+        """Set the amount done (and the total, when it became known); ``status`` is data."""
 
     def advance(self, n: float = 1) -> None:
-        if self._p is not None and self._t is not None:
-            self._p.advance(self._t, n)
+        """Add ``n`` to the amount done."""
 
 
-def _enabled(requested: bool) -> bool:
-    return requested and not os.environ.get("EMBEDSTORE_NO_PROGRESS") and sys.stderr is not None
+class Reporter(Protocol):
+    """Receives the progress of a library call: stages, bars, finished steps, narration."""
+
+    def stage(self, i: int, n: int, title: str) -> None:
+        """Stage ``i`` of ``n`` (1-based) begins."""
+
+    def message(self, text: str) -> None:
+        """One line of narration between steps (the demo's "reused 3 runs ...")."""
+
+    def bar(self, description: str, total: float | None = None) -> AbstractContextManager[Bar]:
+        """A progress bar for one step; ``total`` None when not known yet."""
+
+    def done(self, result: object) -> None:
+        """A step finished with this result (an ``ExtractSummary``, a ``Run`` ...)."""
 
 
-@contextmanager
-def progress_bar(description: str, total: float | None, *, enabled: bool = True) -> Iterator[Bar]:
-    """A rich bar with count, rate and ETA on stderr; a no-op when disabled."""
-    if not _enabled(enabled):
-        yield Bar(None, None)
-        return
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    ]
-    with Progress(*columns, console=err_console, transient=False) as p:
-        task = p.add_task(description, total=total, info="")
-        yield Bar(p, task)
+class NullBar:
+    """A bar that ignores its updates."""
+
+    def update(self, completed: float | None = None, *, total: float | None = None,
+               status: object = None) -> None:
+        pass
+
+    def advance(self, n: float = 1) -> None:
+        pass
+
+
+class NullReporter:
+    """The default reporter: ignores everything (library calls from scripts stay silent)."""
+
+    def stage(self, i: int, n: int, title: str) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    @contextmanager
+    def bar(self, description: str, total: float | None = None) -> Iterator[Bar]:
+        yield NullBar()
+
+    def done(self, result: object) -> None:
+        pass
+
+
+NULL_REPORTER = NullReporter()
+
+
+def reporter_or_null(reporter: Reporter | None) -> Reporter:
+    """``reporter``, or the no-op one for None."""
+    return NULL_REPORTER if reporter is None else reporter

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from embedstore.errors import ConfigError, StoreFormatError
 from embedstore.index import EmbeddingIndex, get_or_build_index
-from embedstore.progress import console
 from embedstore.store import Store, open_store
 
-__all__ = ["resolve_set", "store_index", "build_store_index", "neighbors", "show_neighbors"]
-
-
-def _emit_json(obj: Any) -> None:
-    """Raw JSON on stdout (rich would wrap long lines and break it)."""
-    console.file.write(json.dumps(obj, indent=2, default=str) + "\n")
+__all__ = ["resolve_set", "store_index", "build_store_index", "neighbors"]
 
 
 def resolve_set(store: Store, *, encoder_key: str | None, modality: str | None) -> tuple[str, str]:
@@ -61,7 +52,8 @@ def build_store_index(store_path: str | os.PathLike[str], *, encoder_key: str,
 
 def neighbors(store_path: str | os.PathLike[str], study_id: str, *, k: int = 10,
               encoder_key: str | None = None) -> list[dict[str, Any]]:
-    """The k nearest stored studies (cosine) to ``study_id``, with their manifest rows."""
+    """The k nearest stored studies (cosine) to ``study_id``: one dict per neighbour with
+    ``rank``, ``study_id``, ``cosine`` and every manifest column but ``path``."""
     store = open_store(store_path)
     found = store.sql(
         "SELECT DISTINCT modality, encoder_key FROM embeddings WHERE study_id = "
@@ -86,25 +78,6 @@ def neighbors(store_path: str | os.PathLike[str], study_id: str, *, k: int = 10,
     return [{"rank": i + 1, "study_id": h, "cosine": round(s, 4), **{
         c: v for c, v in meta.get(h, {}).items() if c not in ("study_id", "path")}}
         for i, (h, s) in enumerate(hits)]
-
-
-def show_neighbors(store_path: str | os.PathLike[str], study_id: str, *, k: int = 10,
-                   encoder_key: str | None = None, as_json: bool = False) -> list[dict[str, Any]]:
-    rows = neighbors(store_path, study_id, k=k, encoder_key=encoder_key)
-    if as_json:
-        _emit_json(rows)
-        return rows
-    # the table keeps to the columns that fit a terminal; --json carries every manifest column
-    cols = [c for c in ("rank", "study_id", "cosine", "label_pe", "split", "site", "age", "sex")
-            if any(c in r for r in rows)]
-    t = Table(title=f"nearest studies to {study_id} (cosine; --json for every column)",
-              title_justify="left")
-    for c in cols:
-        t.add_column(c, no_wrap=True, justify="right" if c in ("rank", "cosine", "age") else "left")
-    for r in rows:
-        t.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols))
-    console.print(t)
-    return rows
 
 
 def _sql_str(s: str) -> str:

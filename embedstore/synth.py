@@ -21,6 +21,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,6 +39,7 @@ from embedstore._dicomwrite import (
 from embedstore.errors import ConfigError
 from embedstore.manifest import assign_splits, load_manifest, write_manifest
 from embedstore.phantom import PHANTOM_VERSION, PhantomSpec, generate_case, patient_rng, window
+from embedstore.progress import Bar, NullBar, Reporter, reporter_or_null
 
 __all__ = ["SynthResult", "synthesize_cohort", "render_preview", "run_synth", "patient_id", "GENERATOR"]
 
@@ -187,34 +189,20 @@ def _write_patient(out_dir: str, index: int, seed: int, spec_dict: dict[str, Any
 
 
 def _run(out: Path, todo: list[int], seed: int, spec: PhantomSpec, workers: int,
-         progress: bool) -> Iterator[dict[str, Any]]:
+         bar: Bar) -> Iterator[dict[str, Any]]:
     spec_dict = spec.to_dict()
-    bar = None
-    if progress and todo:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        bar = Progress("[progress.description]{task.description}", BarColumn(),
-                       MofNCompleteColumn(), TimeRemainingColumn(), transient=False)
-        bar.start()
-        task = bar.add_task("synthesizing patients", total=len(todo))
-    try:
-        if workers <= 1:
-            for i in todo:
-                yield _write_patient(str(out), i, seed, spec_dict)
-                if bar is not None:
-                    bar.advance(task)
-        else:
-            # spawn: the parent may already hold torch/OpenMP threads, which fork would copy
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futs = [pool.submit(_write_patient, str(out), i, seed, spec_dict) for i in todo]
-                for f in as_completed(futs):
-                    yield f.result()
-                    if bar is not None:
-                        bar.advance(task)
-    finally:
-        if bar is not None:
-            bar.stop()
+    if workers <= 1:
+        for i in todo:
+            yield _write_patient(str(out), i, seed, spec_dict)
+            bar.advance()
+    else:
+        # spawn: the parent may already hold torch/OpenMP threads, which fork would copy
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futs = [pool.submit(_write_patient, str(out), i, seed, spec_dict) for i in todo]
+            for f in as_completed(futs):
+                yield f.result()
+                bar.advance()
 
 
 def synthesize_cohort(
@@ -223,13 +211,14 @@ def synthesize_cohort(
     seed: int = 0,
     spec: PhantomSpec | None = None,
     workers: int | None = None,
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> SynthResult:
     """Write ``n_patients`` synthetic patients (CTPA series + radiograph) and the manifest to OUT.
 
     Deterministic per (seed, spec), whatever ``workers`` is: patient ``i`` is drawn from its own
     generator. Re-running over the same cohort reuses the complete patients already there (and
     can extend it to more patients); an OUT holding anything else is refused with ConfigError.
+    ``reporter`` gets a bar over the patients still to write (none when all are there).
     """
     spec = PhantomSpec() if spec is None else spec
     if not isinstance(n_patients, int) or n_patients < 1:
@@ -260,9 +249,11 @@ def synthesize_cohort(
     reused = len(infos)
     n_workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
     files = 0
-    for info in _run(out, todo, seed, spec, n_workers, progress):
-        files += int(info.pop("_files", 0))
-        infos[int(info["index"])] = info
+    with (reporter_or_null(reporter).bar("synthesizing patients", len(todo)) if todo
+          else nullcontext(NullBar())) as bar:
+        for info in _run(out, todo, seed, spec, n_workers, bar):
+            files += int(info.pop("_files", 0))
+            infos[int(info["index"])] = info
 
     ids = [patient_id(i) for i in range(n_patients)]
     splits = assign_splits(ids, seed=seed)
@@ -373,11 +364,11 @@ def run_synth(
     spec: PhantomSpec | None = None,
     workers: int | None = None,
     preview: bool = True,
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """``synthesize_cohort`` plus an optional ``preview.png``; a JSON-able summary (CLI, demo)."""
     res = synthesize_cohort(out_dir, n_patients=n_patients, seed=seed, spec=spec, workers=workers,
-                            progress=progress)
+                            reporter=reporter)
     out: dict[str, Any] = {
         "manifest_path": str(res.manifest_path), "n_patients": res.n_patients,
         "n_positive": res.n_positive, "seconds": round(res.seconds, 2),

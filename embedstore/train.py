@@ -38,7 +38,7 @@ from embedstore.manifest import label_subset
 from embedstore.models.baselines import RidgeRegression
 from embedstore.models.heads import HeadConfig, create_head
 from embedstore.models.prior import DiffusionPrior, PriorConfig
-from embedstore.progress import err_console, progress_bar
+from embedstore.progress import Bar, Reporter, reporter_or_null
 from embedstore.runs import Run, RunWriter, load_run
 from embedstore.store import Store, open_store
 
@@ -48,6 +48,7 @@ __all__ = [
     "train_prior",
     "train_baselines",
     "run_training",
+    "TrainingResult",
     "load_model",
     "resolve_encoder",
 ]
@@ -237,18 +238,12 @@ def _split_options(kind: str, opts: Mapping[str, Any]) -> tuple[dict[str, Any], 
     return sel, tr
 
 
-def _epoch_bar(desc: str, total: int, enabled: bool) -> Any:
-    return progress_bar(desc, total, enabled=enabled)
-
-
-def _epoch_logger(rw: RunWriter, bar: Any) -> Callable[[dict[str, Any]], None]:
-    """Per-epoch callback: append to train_log.jsonl and advance the bar with loss / val AUC."""
+def _epoch_logger(rw: RunWriter, bar: Bar) -> Callable[[dict[str, Any]], None]:
+    """Per-epoch callback: append to train_log.jsonl and hand the row to the progress bar."""
 
     def on_epoch(row: dict[str, Any]) -> None:
         rw.log(row)
-        auc = row.get("val_auc")
-        bar.update(row["epoch"] + 1, info=f"loss {row.get('train_loss', float('nan')):.3f}"
-                   + (f" val AUC {auc:.3f}" if auc is not None else ""))
+        bar.update(row["epoch"] + 1, status=row)
 
     return on_epoch
 
@@ -268,9 +263,11 @@ def train_classifier(
     seed: int = 0,
     name: str | None = None,
     trainer: ClassifierTrainConfig | None = None,
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> Run:
-    """``kind='teacher'`` (CTPA) or ``'cxr'`` (radiograph-only) classifier head."""
+    """``kind='teacher'`` (CTPA) or ``'cxr'`` (radiograph-only) classifier head.
+
+    ``reporter`` gets a bar over the epochs (each training-log row as status) and the run."""
     if kind not in ("teacher", "cxr"):
         raise ConfigError(f"Unknown classifier kind {kind!r}. Valid: teacher, cxr.")
     modality = "CTPA" if kind == "teacher" else "CXR"
@@ -284,7 +281,7 @@ def train_classifier(
     _need_both_classes(tr.labels[m_tr], f"labelled training {modality} studies")
     _need_both_classes(va.labels[m_va], f"labelled validation {modality} studies")
     with RunWriter(store.runs_dir, kind, name) as rw:
-        with _epoch_bar(f"train {kind}", trainer.epochs, progress) as bar:
+        with reporter_or_null(reporter).bar(f"train {kind}", trainer.epochs) as bar:
             on_epoch = _epoch_logger(rw, bar)
             res = fit_classifier(torch.from_numpy(tr.vectors[m_tr]),
                                  torch.from_numpy(tr.labels[m_tr]).float(),
@@ -298,7 +295,7 @@ def train_classifier(
                     "n_train": int(m_tr.sum()), "n_train_pos": int(tr.labels[m_tr].sum()),
                     "n_val": int(m_va.sum())},
             tensors=_state(res.model), metrics=_fit_metrics(res))
-    _say(run, res)
+    reporter_or_null(reporter).done(run)
     return run
 
 
@@ -314,13 +311,6 @@ def _fit_metrics(res: FitResult) -> dict[str, Any]:
             "seconds": round(res.seconds, 3), **res.extra}
 
 
-def _say(run: Run, res: FitResult) -> None:
-    chosen = (f"alpha {res.extra['alpha']:g}" if "alpha" in res.extra
-              else f"best epoch {res.best_epoch + 1}")
-    err_console.print(f"{run.kind} run {run.run_id}: validation AUC {res.val_auc:.3f} "
-                      f"({chosen}, {res.seconds:.1f} s) -> {run.path}", markup=False)
-
-
 def train_prior(
     store_path: str | os.PathLike[str],
     *,
@@ -332,9 +322,11 @@ def train_prior(
     seed: int = 0,
     name: str | None = None,
     trainer: PriorTrainConfig | None = None,
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> Run:
-    """Diffusion prior CXR -> CTPA-teacher embedding on all training pairs (label-free unless mu>0)."""
+    """Diffusion prior CXR -> CTPA-teacher embedding on all training pairs (label-free unless mu>0).
+
+    ``reporter`` gets a bar over the epochs (each training-log row as status) and the run."""
     store = open_store(store_path)
     t_run = load_run(store.runs_dir, teacher)
     if t_run.kind != "teacher":
@@ -355,7 +347,7 @@ def train_prior(
         mask = torch.tensor([p in keep and y == y for p, y in zip(pid_tr, y_tr, strict=True)])
         labels = torch.from_numpy(np.nan_to_num(y_tr)).float()
     with RunWriter(store.runs_dir, "prior", name) as rw:
-        with _epoch_bar("train prior", trainer.epochs, progress) as bar:
+        with reporter_or_null(reporter).bar("train prior", trainer.epochs) as bar:
             on_epoch = _epoch_logger(rw, bar)
             res = fit_prior(torch.from_numpy(cx_tr), torch.from_numpy(ct_tr), head,
                             torch.from_numpy(cx_va[m_va]), torch.from_numpy(y_va[m_va]).float(),
@@ -370,7 +362,7 @@ def train_prior(
                     "seed": seed, "where": where, "store": str(store.root.resolve()),
                     "n_train_pairs": int(len(cx_tr)), "n_val": int(m_va.sum())},
             tensors=_state(prior), metrics=_fit_metrics(res))
-    _say(run, res)
+    reporter_or_null(reporter).done(run)
     return run
 
 
@@ -383,9 +375,11 @@ def train_baselines(
     seed: int = 0,
     name: str | None = None,
     trainer: RidgeTrainConfig | None = None,
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> list[Run]:
-    """Deterministic ablations on all training pairs: ridge CXR -> teacher logit / CTPA embedding."""
+    """Deterministic ablations on all training pairs: ridge CXR -> teacher logit / CTPA embedding.
+
+    ``reporter`` gets each run as it is committed (closed-form fits: no bar)."""
     store = open_store(store_path)
     t_run = load_run(store.runs_dir, teacher)
     ctpa_key = str(t_run.config["encoder_key"])
@@ -415,7 +409,7 @@ def train_baselines(
                         "teacher_label_fraction": t_run.config.get("label_fraction"),
                         "store": str(store.root.resolve()), "n_train_pairs": int(len(cx_tr))},
                 tensors=_state(model), metrics=_fit_metrics(res))
-        _say(run, res)
+        reporter_or_null(reporter).done(run)
         runs.append(run)
     return runs
 
@@ -439,6 +433,15 @@ def _parse_sweep(items: Sequence[str]) -> list[dict[str, Any]]:
             for combo in itertools.product(*[v for _, v in axes])]
 
 
+@dataclass(frozen=True)
+class TrainingResult:
+    """What ``run_training`` trained: the runs in order, and for a sweep (more than one grid
+    point) each point's options with its run."""
+
+    runs: tuple[Run, ...]
+    sweep: tuple[tuple[dict[str, Any], Run], ...] = ()
+
+
 def run_training(
     kind: str,
     store_path: str | os.PathLike[str],
@@ -446,11 +449,12 @@ def run_training(
     options: Mapping[str, Any],
     config_file: Path | None = None,
     sweep: Sequence[str] = (),
-    progress: bool = True,
-) -> list[Run]:
+    reporter: Reporter | None = None,
+) -> TrainingResult:
     """CLI entry: merge TOML config (top level + ``[kind]`` section) with flags, then train.
 
-    ``sweep`` (prior only) trains one run per grid point and prints a comparison line."""
+    ``sweep`` (prior only) trains one run per grid point; the result pairs each point with its
+    run so that they can be compared."""
     if kind not in ("teacher", "cxr", "prior", "baselines"):
         raise ConfigError(f"Unknown training kind {kind!r}. Valid: teacher, cxr, prior, baselines.")
     merged = {**_read_config(config_file, kind), **dict(options)}
@@ -469,21 +473,20 @@ def run_training(
                 runs.append(train_classifier(
                     store_path, kind, encoder=sel.get("encoder"), where=sel.get("where"),
                     label_fraction=float(sel.get("label_fraction", 1.0)), seed=seed, name=name,
-                    trainer=ClassifierTrainConfig(**tr), progress=progress))
+                    trainer=ClassifierTrainConfig(**tr), reporter=reporter))
             elif kind == "prior":
                 runs.append(train_prior(
                     store_path, teacher=sel.get("teacher", "latest:teacher"),
                     cxr_encoder=sel.get("cxr_encoder"), ctpa_encoder=sel.get("ctpa_encoder"),
                     where=sel.get("where"), label_fraction=float(sel.get("label_fraction", 1.0)),
-                    seed=seed, name=name, trainer=PriorTrainConfig(**tr), progress=progress))
+                    seed=seed, name=name, trainer=PriorTrainConfig(**tr), reporter=reporter))
             else:
                 runs.extend(train_baselines(
                     store_path, teacher=sel.get("teacher", "latest:teacher"),
                     cxr_encoder=sel.get("cxr_encoder"), where=sel.get("where"), seed=seed,
-                    name=name, trainer=RidgeTrainConfig(**tr) if tr else None, progress=progress))
+                    name=name, trainer=RidgeTrainConfig(**tr) if tr else None,
+                    reporter=reporter))
         except TypeError as e:  # a wrongly typed TOML value
             raise ConfigError(f"Bad option value for `train {kind}`: {e}") from e
-    if len(grid) > 1:
-        for point, run in zip(grid, runs, strict=True):
-            err_console.print(f"  {point}: val AUC {run.metrics['val_auc']:.3f} ({run.run_id})")
-    return runs
+    sweep_runs = tuple(zip(grid, runs, strict=True)) if len(grid) > 1 else ()
+    return TrainingResult(runs=tuple(runs), sweep=sweep_runs)

@@ -1,4 +1,5 @@
-"""Imports flow one way: cli -> embedstore -> models; pydicom stays in the DICOM layer."""
+"""Imports flow one way: cli -> embedstore -> models; pydicom stays in the DICOM layer; only cli/
+prints."""
 
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ def _in_dicom_layer(rel: str) -> bool:
     return any(rel == m or (m.endswith("/") and rel.startswith(m)) for m in DICOM_MODULES)
 
 
-def _imports(path: Path) -> set[str]:
+def _imports_of(source: str) -> set[str]:
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def _imports(path: Path) -> set[str]:
+    return _imports_of(path.read_text())
 
 
 def _py_files(*folders: str) -> list[Path]:
@@ -73,6 +78,12 @@ def _module_path(module: str) -> Path | None:
     return target.with_suffix(".py") if target.with_suffix(".py").is_file() else None
 
 
+def _type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
 def _reachable(module: str) -> set[str]:
     """Every module the import of ``module`` can load, following embedstore's own imports
     (function-level ones too, so a lazy import cannot hide a dependency) and parent packages."""
@@ -88,6 +99,8 @@ def _reachable(module: str) -> set[str]:
             continue
         todo.extend(".".join(mod.split(".")[:k]) for k in range(1, mod.count(".") + 1))
         tree = ast.parse(path.read_text(), filename=str(path))
+        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and _type_checking(n)]:
+            block.body = []  # `if TYPE_CHECKING:` imports never run
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 todo.extend(a.name for a in node.names)
@@ -115,8 +128,10 @@ def test_pseudonymisation_and_the_manifest_never_reach_pydicom(module: str) -> N
 
 def test_decode_workers_import_only_the_dicom_and_preprocess_layers() -> None:
     # spawned decode workers must not pay for the store, the catalog or the encoders
-    allowed = {"embedstore", "embedstore._decode", "embedstore.errors", "embedstore.preprocess",
-               "embedstore.pseudonym", "embedstore.models", "embedstore.models.errors"}
+    allowed = {"embedstore", "embedstore._decode", "embedstore._faults", "embedstore.errors",
+               "embedstore.preprocess",
+               "embedstore.pseudonym", "embedstore.models", "embedstore.models.errors",
+               "embedstore.domain", "embedstore.models.domain"}
     ours = {m for m in _reachable("embedstore._decode") if m.startswith("embedstore")}
     extra = {m for m in ours - allowed if m != "embedstore.dicom" and not m.startswith("embedstore.dicom.")}
     assert "embedstore.dicom.series" in ours  # the walk does follow the package
@@ -140,3 +155,74 @@ def test_installed_layout_has_no_generic_top_level_packages() -> None:
         assert importlib.util.find_spec("cli") is None
     finally:
         sys.path[:] = saved
+
+
+# ------------------------------------------------------------------------------------------------
+# The library returns data and reports progress through callbacks; only cli/ prints
+# ------------------------------------------------------------------------------------------------
+
+_OUTPUT_MODULES = ("rich", "typer", "click", "tqdm", "pprint")
+
+
+def _printing(source: str) -> list[str]:
+    """What in ``source`` writes to the terminal: print(), sys.stdout/stderr.write, and imports
+    of terminal-output packages. Logging and warnings are fine (the caller decides on them)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Name) and f.id == "print":
+                found.append(f"print() on line {node.lineno}")
+            elif (isinstance(f, ast.Attribute) and f.attr in ("write", "writelines")
+                  and isinstance(f.value, ast.Attribute) and f.value.attr in ("stdout", "stderr")
+                  and isinstance(f.value.value, ast.Name) and f.value.value.id == "sys"):
+                found.append(f"sys.{f.value.attr}.{f.attr}() on line {node.lineno}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "sys" and node.level == 0:
+            found += [f"from sys import {a.name} on line {node.lineno}" for a in node.names
+                      if a.name in ("stdout", "stderr")]
+    for m in _imports_of(source):
+        if m.split(".")[0] in _OUTPUT_MODULES:
+            found.append(f"imports {m}")
+    return found
+
+
+@pytest.mark.parametrize("path", _py_files("embedstore", "models"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_library_never_prints(path: Path) -> None:
+    found = _printing(path.read_text())
+    assert not found, (f"{path.relative_to(ROOT)}: {found}. Return data, or report through an "
+                       "embedstore.progress.Reporter; rendering lives in cli/render.py.")
+
+
+@pytest.mark.parametrize("snippet", [
+    "print('x')",
+    "import sys\nsys.stdout.write('x')",
+    "import sys\nsys.stderr.write('x')",
+    "from sys import stderr",
+    "from rich.table import Table",
+    "import rich",
+    "from tqdm import tqdm",
+], ids=["print", "stdout", "stderr", "from-sys", "rich-from", "rich-import", "tqdm"])
+def test_the_printing_check_catches(snippet: str) -> None:
+    assert _printing(snippet)
+
+
+def test_the_printing_check_allows_logging_and_strings() -> None:
+    assert not _printing("import logging, warnings\nlogging.getLogger(__name__).info('x')\n"
+                         "warnings.warn('y')\nhint = 'python -c \"print(1)\"'\nf.write(b'')")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: about 10 s on 2 cores
+def test_the_library_imports_without_loading_rich() -> None:
+    """Transitive imports too: every library module loads without rich or typer (the CLI's)."""
+    import subprocess
+    import sys
+
+    mods = sorted({".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                   for p in _py_files("embedstore")})
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('rich', 'typer'))\n"
+            "print(loaded)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert out.strip() == "[]", out

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embedstore.cli.app import app
+from reporting import RecordingReporter
 from typer.testing import CliRunner
 
 from embedstore.extract import ExtractConfig, extract
@@ -29,14 +30,14 @@ runner = CliRunner()
 
 def _cfg(modality: str, **kw: object) -> ExtractConfig:
     enc = CXR_ENC if modality == "cxr" else CT_ENC
-    return ExtractConfig(modality=modality, encoder=enc, workers=0, progress=False, **kw)  # type: ignore[arg-type]
+    return ExtractConfig(modality=modality, encoder=enc, workers=0, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
     spec = PhantomSpec.with_shape((16, 48, 48), prevalence=0.5)
-    synthesize_cohort(out, n_patients=40, seed=3, spec=spec, workers=1, progress=False)
+    synthesize_cohort(out, n_patients=40, seed=3, spec=spec, workers=1)
     return out
 
 
@@ -165,10 +166,20 @@ FAST_PRIOR = PriorTrainConfig(epochs=6, eval_every=3, hidden=64, depth=1, val_sa
 
 @pytest.fixture(scope="module")
 def trained(store_dir: Path) -> dict[str, str]:
-    t = train_classifier(store_dir, "teacher", trainer=FAST_CLS, name="t0", progress=False)
-    c = train_classifier(store_dir, "cxr", trainer=FAST_CLS, name="c0", progress=False)
-    p = train_prior(store_dir, teacher="t0", trainer=FAST_PRIOR, name="p0", progress=False)
-    b = train_baselines(store_dir, teacher="t0", name="b0", progress=False)
+    rec = RecordingReporter()
+    t = train_classifier(store_dir, "teacher", trainer=FAST_CLS, name="t0", reporter=rec)
+    # progress is reported, not printed: one bar over the epochs fed the training-log rows,
+    # then the committed run
+    [bar] = rec.bars
+    assert (bar.description, bar.total, bar.closed) == ("train teacher", FAST_CLS.epochs, True)
+    assert [u[0] for u in bar.updates] == list(range(1, t.metrics["epochs_run"] + 1))
+    assert all(isinstance(u[2], dict) and "train_loss" in u[2] for u in bar.updates)
+    assert rec.results == [t]
+    c = train_classifier(store_dir, "cxr", trainer=FAST_CLS, name="c0")
+    p = train_prior(store_dir, teacher="t0", trainer=FAST_PRIOR, name="p0")
+    rec = RecordingReporter()
+    b = train_baselines(store_dir, teacher="t0", name="b0", reporter=rec)
+    assert rec.results == b and rec.bars == []
     return {"teacher": t.run_id, "cxr": c.run_id, "prior": p.run_id,
             **{r.kind: r.run_id for r in b}}
 
@@ -205,14 +216,14 @@ def test_training_never_reads_the_test_split(store_dir: Path, monkeypatch: pytes
 
     monkeypatch.setattr(Store, "load", spy_load)
     monkeypatch.setattr(Store, "sql", spy_sql)
-    train_classifier(store_dir, "teacher", trainer=FAST_CLS, name="t-spy", progress=False)
-    train_prior(store_dir, teacher="t-spy", trainer=FAST_PRIOR, name="p-spy", progress=False)
+    train_classifier(store_dir, "teacher", trainer=FAST_CLS, name="t-spy")
+    train_prior(store_dir, teacher="t-spy", trainer=FAST_PRIOR, name="p-spy")
     assert seen and not (set(seen) & test_ids)
 
 
 def test_training_is_deterministic_for_a_seed(store_dir: Path) -> None:
-    a = train_classifier(store_dir, "cxr", trainer=FAST_CLS, seed=5, name="d1", progress=False)
-    b = train_classifier(store_dir, "cxr", trainer=FAST_CLS, seed=5, name="d2", progress=False)
+    a = train_classifier(store_dir, "cxr", trainer=FAST_CLS, seed=5, name="d1")
+    b = train_classifier(store_dir, "cxr", trainer=FAST_CLS, seed=5, name="d2")
     wa, wb = a.weights(), b.weights()
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
@@ -221,8 +232,7 @@ def test_prior_refuses_a_teacher_from_another_encoder(store_dir: Path) -> None:
     from embedstore.errors import ConfigError, IncompatibleRunError
 
     with pytest.raises((IncompatibleRunError, ConfigError)) as e:
-        train_prior(store_dir, teacher="t0", ctpa_encoder="not-a-key", trainer=FAST_PRIOR,
-                    progress=False)
+        train_prior(store_dir, teacher="t0", ctpa_encoder="not-a-key", trainer=FAST_PRIOR)
     assert "not-a-key" in str(e.value)
 
 
@@ -234,6 +244,7 @@ def test_eval_writes_table_figures_and_report(store_dir: Path, trained: dict[str
                             "--out", str(tmp_path / "rep"), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert json.loads(r.output) == res  # --json prints EvalResult.to_dict(), metrics.json's content
     keys = [m["key"] for m in res["models"]]
     assert keys == ["ctpa_only", "cxr_only", "distilled", "ridge_logit"]
     for m in res["models"]:
@@ -252,12 +263,20 @@ def test_eval_writes_table_figures_and_report(store_dir: Path, trained: dict[str
 # ------------------------------------------------------------------------------------------
 
 
-def test_cli_query_info_verify_on_a_real_store(store_dir: Path) -> None:
-    r = runner.invoke(app, ["query", str(store_dir),
-                            "SELECT modality, count(*) AS n FROM embeddings GROUP BY 1 ORDER BY 1",
-                            "--format", "json"])
+def test_cli_query_info_verify_on_a_real_store(store_dir: Path, tmp_path: Path) -> None:
+    sql = "SELECT modality, count(*) AS n FROM embeddings GROUP BY 1 ORDER BY 1"
+    r = runner.invoke(app, ["query", str(store_dir), sql, "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output) == [{"modality": "CTPA", "n": 40}, {"modality": "CXR", "n": 40}]
+    r = runner.invoke(app, ["query", str(store_dir), sql, "--format", "parquet", "--out",
+                            str(tmp_path / "q.parquet")])
+    assert r.exit_code == 0, r.output  # (rich wraps a long path onto the next line)
+    assert " ".join(r.output.split()) == f"Wrote 2 rows to {tmp_path / 'q.parquet'}"
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "q.parquet").to_pylist() == json.loads(
+        runner.invoke(app, ["query", str(store_dir), sql, "--format", "json"]).output)
+    assert [p.name for p in tmp_path.iterdir()] == ["q.parquet"]  # no temp file left
     r = runner.invoke(app, ["info", str(store_dir), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["embeddings"] >= 80
     r = runner.invoke(app, ["verify", str(store_dir)])
@@ -273,12 +292,11 @@ def test_cli_query_info_verify_on_a_real_store(store_dir: Path) -> None:
         (["info", "{missing}"], "Error: "),
         (["train", "prior", "{store}", "--teacher", "no-such-run"], "Error: Run 'no-such-run' was not found"),
         (["extract", "{store}", "-m", "{missing}", "--modality", "cxr"], "Error: Manifest file"),
-        (["extract", "{store}", "-m", "{manifest}", "--modality", "mri"], "Error: Unknown modality 'mri'. Valid: cxr, ctpa."),
         (["extract", "{store}", "-m", "{manifest}", "--modality", "cxr", "--encoder", "vit-x"], "Error: Unknown encoder 'vit-x'"),
         (["neighbors", "{store}", "NOPE"], "Error: Study 'NOPE' has no stored embedding"),
     ],
     ids=["copy", "read_file", "bad_column", "missing_store", "missing_run", "missing_manifest",
-         "bad_modality", "bad_encoder", "unknown_study"],
+         "bad_encoder", "unknown_study"],
 )
 def test_cli_errors_are_one_line_and_exit_1(store_dir: Path, cohort: Path, tmp_path: Path,
                                             args: list[str], expected: str) -> None:
@@ -289,6 +307,19 @@ def test_cli_errors_are_one_line_and_exit_1(store_dir: Path, cohort: Path, tmp_p
     errors = [ln for ln in r.output.splitlines() if ln.startswith("Error: ")]
     assert len(errors) == 1 and errors[0].startswith(expected), r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("command", [["extract", "S", "-m", "M.parquet"], ["index", "build", "S",
+                                                                         "--encoder", "k"]])
+def test_a_modality_typo_is_a_usage_error_listing_the_choices(command: list[str]) -> None:
+    r = runner.invoke(app, [*command, "--modality", "mri"])
+    assert r.exit_code == 2, r.output  # click's usage error, before any library call
+    text = r.output.lower()
+    assert "invalid value for '--modality'" in text and "'mri' is not one of" in text, r.output
+    assert "'cxr'" in text and "'ctpa'" in text, r.output  # both choices listed
+    assert "Traceback" not in r.output
+    ok = runner.invoke(app, [*command, "--modality", "CtPa", "--help"])
+    assert ok.exit_code == 0  # any case is accepted
 
 
 def test_neighbors_lists_other_studies_with_metadata(store_dir: Path) -> None:
@@ -329,8 +360,7 @@ def test_cli_index_build_then_reuse(store_dir: Path) -> None:
 
 def test_process_pool_decoding_gives_the_same_bytes(store_dir: Path, cohort: Path,
                                                     tmp_path: Path) -> None:
-    cfg = ExtractConfig(modality="ctpa", encoder=CT_ENC, workers=2, progress=False,
-                        where="split = 'val'")
+    cfg = ExtractConfig(modality="ctpa", encoder=CT_ENC, workers=2, where="split = 'val'")
     s = extract(tmp_path / "s", cohort / "manifest.parquet", cfg)
     assert s.done == s.selected > 0 and s.failed == 0
     key = _key(store_dir, "CTPA")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from reporting import RecordingReporter
 
 from embedstore._dicomwrite import SyntheticPatient
 from embedstore.errors import ConfigError
@@ -26,7 +27,7 @@ SPEC = PhantomSpec.with_shape((16, 48, 48), drr_size=64, frac_monochrome1=0.5)
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "cohort"
-    res = synthesize_cohort(out, n_patients=N, seed=SEED, spec=SPEC, workers=1, progress=False)
+    res = synthesize_cohort(out, n_patients=N, seed=SEED, spec=SPEC, workers=1)
     assert res.n_patients == N and res.patients_reused == 0
     assert res.files_written == N * (SPEC.shape[0] + 1)
     return out
@@ -136,19 +137,21 @@ def test_only_synthetic_identifiers(cohort: Path) -> None:
 
 def test_rerun_reuses_and_foreign_folders_are_refused(cohort: Path, tmp_path: Path) -> None:
     before = _pixels(cohort)
-    res = synthesize_cohort(cohort, n_patients=N, seed=SEED, spec=SPEC, workers=1, progress=False)
+    rec = RecordingReporter()
+    res = synthesize_cohort(cohort, n_patients=N, seed=SEED, spec=SPEC, workers=1, reporter=rec)
     assert res.files_written == 0 and res.patients_reused == N
+    assert rec.bars == []  # nothing left to write: no progress bar
     assert _pixels(cohort) == before
     with pytest.raises(ConfigError, match="different synthetic cohort"):
-        synthesize_cohort(cohort, n_patients=N, seed=SEED + 1, spec=SPEC, workers=1, progress=False)
+        synthesize_cohort(cohort, n_patients=N, seed=SEED + 1, spec=SPEC, workers=1)
     other = PhantomSpec.from_dict({**SPEC.to_dict(), "prevalence": 0.9})
     with pytest.raises(ConfigError, match="spec_fingerprint"):
-        synthesize_cohort(cohort, n_patients=N, seed=SEED, spec=other, workers=1, progress=False)
+        synthesize_cohort(cohort, n_patients=N, seed=SEED, spec=other, workers=1)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
-        synthesize_cohort(foreign, n_patients=1, seed=0, spec=SPEC, workers=1, progress=False)
+        synthesize_cohort(foreign, n_patients=1, seed=0, spec=SPEC, workers=1)
 
 
 def test_interrupted_patient_is_redone(cohort: Path, tmp_path: Path) -> None:
@@ -158,15 +161,19 @@ def test_interrupted_patient_is_redone(cohort: Path, tmp_path: Path) -> None:
     junk = out / "dicom" / f".tmp-{patient_id(1)}-99999"  # what a killed worker leaves
     (junk / "ctpa").mkdir(parents=True)
     (junk / "ctpa" / "half.dcm").write_bytes(b"\0" * 10)
-    res = synthesize_cohort(out, n_patients=N, seed=SEED, spec=SPEC, workers=1, progress=False)
+    rec = RecordingReporter()
+    res = synthesize_cohort(out, n_patients=N, seed=SEED, spec=SPEC, workers=1, reporter=rec)
     assert res.patients_reused == N - 1 and res.files_written == SPEC.shape[0] + 1
+    # the bar counts the patients still to write, and each one written advances it
+    [bar] = rec.bars
+    assert (bar.description, bar.total, bar.advanced, bar.closed) == ("synthesizing patients", 1, 1, True)
     assert not junk.exists()
     assert _pixels(out) == _pixels(cohort)
 
 
 def test_other_seed_gives_other_cohort(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "seed2"
-    synthesize_cohort(out, n_patients=2, seed=SEED + 1, spec=SPEC, workers=1, progress=False)
+    synthesize_cohort(out, n_patients=2, seed=SEED + 1, spec=SPEC, workers=1)
     a, b = _pixels(cohort), _pixels(out)
     shared = set(a) & set(b)
     assert any(k.endswith("cxr.dcm") for k in shared)
@@ -176,7 +183,7 @@ def test_other_seed_gives_other_cohort(cohort: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_worker_count_does_not_change_a_single_byte(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "parallel"
-    synthesize_cohort(out, n_patients=N, seed=SEED, spec=SPEC, workers=2, progress=False)
+    synthesize_cohort(out, n_patients=N, seed=SEED, spec=SPEC, workers=2)
     files = _all_files(cohort)
     assert [p.relative_to(cohort) for p in files] == [p.relative_to(out) for p in _all_files(out)]
     for p in files:

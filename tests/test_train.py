@@ -90,7 +90,7 @@ def test_label_fraction_sets_the_labelled_training_patients(store_dir: Path, kin
     got = {}
     for f in (0.25, 1.0):
         run = train_classifier(store_dir, kind, encoder=encoder, label_fraction=f, seed=0,
-                               trainer=FAST_CLS, name=f"{kind}-lf{f}", progress=False)
+                               trainer=FAST_CLS, name=f"{kind}-lf{f}")
         got[f] = run.config["n_train"]
         # exactly the deterministic patient-level subset, one study per patient here
         assert run.config["n_train"] == len(label_subset(labelled, f, 0))
@@ -99,15 +99,15 @@ def test_label_fraction_sets_the_labelled_training_patients(store_dir: Path, kin
 
 def test_prior_refuses_a_teacher_trained_on_another_ctpa_set(store_dir: Path) -> None:
     teacher = train_classifier(store_dir, "teacher", encoder="ct-a", trainer=FAST_CLS,
-                               name="teacher-on-a", progress=False)
+                               name="teacher-on-a")
     with pytest.raises(IncompatibleRunError) as e:
         # ct-b exists and has the same dimension: only the compatibility check can refuse it
         train_prior(store_dir, teacher=teacher.run_id, ctpa_encoder="ct-b", trainer=FAST_PRIOR,
-                    name="prior-mismatch", progress=False)
+                    name="prior-mismatch")
     msg = str(e.value)
     assert "ct-a" in msg and "ct-b" in msg
     assert not (store_dir / "runs" / "prior-mismatch").exists()
     # the same teacher on its own set trains
     run = train_prior(store_dir, teacher=teacher.run_id, ctpa_encoder="ct-a", trainer=FAST_PRIOR,
-                      name="prior-match", progress=False)
+                      name="prior-match")
     assert run.config["ctpa_encoder_key"] == "ct-a"

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from embedstore.domain import Modality
 from embedstore.errors import ConfigError
 
 SCHEMA_VERSION = 2  # the on-disk layout (store.json); 1 = JSON commit logs, read by `upgrade` only
@@ -18,7 +19,6 @@ SCHEMA_VERSION = 2  # the on-disk layout (store.json); 1 = JSON commit logs, rea
 CACHE_KEY_VERSION = 1
 FORMAT_NAME = "embedstore"
 DTYPES = ("float32", "float16")
-MODALITIES = ("CXR", "CTPA")
 # Encoder keys and lock scopes name folders and files.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
 
@@ -32,6 +32,9 @@ RUNS_DIR = "runs"
 STORE_SUBDIRS = (SETS_DIR, FAILURES_DIR, LOCKS_DIR, RUNS_DIR)
 # STORE/sets/<MODALITY>/<encoder_key>/
 SPEC_FILE = "spec.json"
+# The member of a set's spec that records how it was made (manifest fingerprint, weights file
+# name): written with the set, never compared when the set is reopened.
+PROVENANCE_KEY = "provenance"
 SEGMENT_PREFIX = "seg-"
 COMPACT_PREFIX = ".compact-"  # a segment gc is building; renamed to seg-* when whole
 # .../seg-*/
@@ -69,11 +72,15 @@ def store_config(doc: Mapping[str, Any]) -> dict[str, int]:
     return cfg
 
 
-def check_modality(modality: str) -> str:
-    m = str(modality).upper()
-    if m not in MODALITIES:
-        raise ConfigError(f"Unknown modality {modality!r}. Valid: {list(MODALITIES)}.")
-    return m
+def check_modality(modality: str) -> Modality:
+    return Modality.parse(modality)
+
+
+def compared_spec(spec: Any) -> Any:
+    """A set spec without its provenance: what must be equal for a writer to reopen the set."""
+    if isinstance(spec, Mapping):
+        return {k: v for k, v in spec.items() if k != PROVENANCE_KEY}
+    return spec
 
 
 def check_encoder_key(key: str) -> str:

@@ -42,6 +42,7 @@ from embedstore.store.format import (
     canonical,
     check_encoder_key,
     check_modality,
+    compared_spec,
     iso,
     utcnow,
 )
@@ -595,7 +596,7 @@ class StoreWriter:
             self.backend.put(spec_key, json.dumps(doc, indent=2, sort_keys=True).encode())
         have = self._set.doc()
         for k in ("dim", "dtype", "tokens_shape", "spec"):
-            if have.get(k) != doc[k]:
+            if compared_spec(have.get(k)) != compared_spec(doc[k]):  # provenance is not identity
                 raise StoreFormatError(
                     f"Embedding set {self._set.name!r} already exists with {k}={have.get(k)!r}, "
                     f"but this writer has {k}={doc[k]!r}. A changed encoder or preprocessing "
