@@ -425,6 +425,24 @@ def neighbors(
 
 @app.command()
 @_user_errors
+def experiment(
+    store: StoreArg,
+    config: Annotated[Path, typer.Option("--config", help="Experiment TOML: arms, label fractions, seeds, compared pairs (see docs/EXPERIMENTS.md).")],
+    workers: Annotated[int | None, typer.Option(help="Cells trained at once (default: CPU count; 0 = in this process).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Every arm x label fraction x seed as ordinary runs, resumable; hierarchical CIs, verdicts, report."""
+    from embedstore.experiment import run_experiment
+
+    res = run_experiment(store, config, workers=workers, reporter=_reporter(json_out))
+    if json_out:
+        render.print_json(res.to_dict())
+    else:
+        render.experiment_result(res)
+
+
+@app.command()
+@_user_errors
 def demo(
     workdir: Annotated[Path, typer.Argument(help="Working folder (cohort, store, report).")] = Path("demo"),
     patients: Annotated[int | None, typer.Option(help="Cohort size (default 800).")] = None,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the renderers take library types; importing them here would
 
     from embedstore.demo import DemoResult
     from embedstore.evaluate import EvalResult
+    from embedstore.experiment import ExperimentResult
     from embedstore.extract import ExtractSummary
     from embedstore.query import QueryResult
     from embedstore.runs import Run
@@ -386,6 +387,25 @@ def neighbor_table(study_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
     print_table([Col(c, right=c in ("rank", "cosine", "age")) for c in names],
                 [["" if r.get(c) is None else str(r.get(c)) for c in names] for r in rows],
                 title=f"nearest studies to {study_id} (cosine; --json for every column)")
+
+
+def experiment_result(res: ExperimentResult) -> None:
+    arms = res.summary["arms"]
+    fracs = sorted({r["label_fraction"] for r in arms})
+    names = list(dict.fromkeys(r["arm"] for r in arms))
+    cell = {(r["arm"], r["label_fraction"]): r for r in arms}
+    cols = [Col("arm"), *(Col(f"{f:g} labels", right=True) for f in fracs)]
+    rows = [[a, *(f"{cell[a, f]['auc_mean']:.3f} [{cell[a, f]['auc_ci'][0]:.3f}, "
+                  f"{cell[a, f]['auc_ci'][1]:.3f}]" if (a, f) in cell else "-" for f in fracs)]
+            for a in names]
+    n_seeds = arms[0]["n_seeds"] if arms else 0
+    print_table(cols, rows, boxed=False, compact=True,
+                title=f"Experiment {res.experiment_id}: test AUC, mean over {n_seeds} seeds "
+                      "[95 % hierarchical CI: seeds, then patients]")
+    for v in res.summary["verdicts"]:
+        _line(f"  {v}")
+    _line(f"{res.cells_trained} cells trained, {res.cells_reused} reused, {res.seconds:.0f} s. "
+          f"Report: {res.report}")
 
 
 def demo_result(res: DemoResult) -> None:

@@ -406,11 +406,12 @@ class Store:
     def catalog(self, *, memory_limit: str = "2GB", threads: int = 2) -> Catalog:
         """The sandboxed DuckDB catalog, rebuilt when the store's files changed."""
         from embedstore.catalog import Catalog, read_runs
+        from embedstore.experiment import read_experiments
         from embedstore.store.views import catalog_sources
 
         key = (str(memory_limit), int(threads))
         src = catalog_sources(self.backend)
-        sig = (self._manifest_sig(), src.signature, self._runs_sig())
+        sig = (self._manifest_sig(), src.signature, self._runs_sig(), self._experiments_sig())
         cached = self._catalogs.get(key)
         if cached is not None and cached[0] == sig:
             return cached[1]
@@ -421,7 +422,8 @@ class Store:
             self.root,
             manifest_path=self.manifest_path if self.manifest_path.exists() else None,
             views=src.views,
-            tables={"runs": read_runs(self.root / RUNS_DIR)},
+            tables={"runs": read_runs(self.root / RUNS_DIR),
+                    "experiments": read_experiments(self.root / "experiments")},
             pair_max_gap_hours=float(gap),
             memory_limit=memory_limit,
             threads=threads,
@@ -435,6 +437,18 @@ class Store:
         except FileNotFoundError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _experiments_sig(self) -> tuple:
+        d = self.root / "experiments"
+        out = []
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                try:
+                    st = (p / "summary.json").stat()
+                    out.append((p.name, st.st_mtime_ns, st.st_size))
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+        return tuple(out)
 
     def _runs_sig(self) -> tuple:
         sig = []
