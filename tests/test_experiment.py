@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from embedstore.cli.app import app
 from test_train import _manifest, _write_set
 from typer.testing import CliRunner
 
-from embedstore.cli.app import app
 from embedstore.errors import ConfigError
 from embedstore.experiment import ExperimentConfig, load_experiment_config, run_experiment
 from embedstore.store import open_store
