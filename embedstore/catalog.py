@@ -11,6 +11,7 @@ writer never blocks a reader and there is no catalog file to corrupt. Views:
     pairs       pair_id, patient_id, cxr_study_id, ctpa_study_id, gap_hours, split, label_pe
     failures    study_id, modality, encoder_key, stage, reason, message, created_at, segment
     runs        run_id, kind, created_at, encoder_keys, val_auc, metrics, config (JSON strings)
+    experiments experiment_id, name, created_at, config (JSON), verdicts (finished experiments)
                 (tiny: read from the run folders into a table when the catalog is built)
 
 User SQL passes only if DuckDB parses it as exactly one SELECT statement (WITH/VALUES/DESCRIBE/
@@ -31,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import QueryError, QueryRefusedError
+from embedstore.sql import literal
 from embedstore.store._arrow import from_np, strings
 from embedstore.store.commitlog import FAILURES_SCHEMA
 from embedstore.store.format import DEFAULT_PAIR_MAX_GAP_HOURS
@@ -112,8 +114,6 @@ _REFUSALS = {
 }
 
 
-def _quote(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def _pairs_sql(max_gap_hours: float, has_pair_id: bool) -> str:
@@ -243,7 +243,7 @@ class Catalog:
         has_pair_id = False
         if manifest_path is not None and manifest_path.exists():
             # A view: each query reads only the manifest columns and row groups it needs.
-            con.execute(f"CREATE VIEW studies AS SELECT * FROM read_parquet({_quote(manifest_path)})")
+            con.execute(f"CREATE VIEW studies AS SELECT * FROM read_parquet({literal(manifest_path)})")
             cols = [r[0] for r in con.execute("DESCRIBE studies").fetchall()]
             has_pair_id = "pair_id" in cols
         else:
@@ -255,7 +255,7 @@ class Catalog:
             con.execute(f"CREATE VIEW {name} AS {sql}")
         con.execute(f"CREATE VIEW pairs AS {_pairs_sql(pair_max_gap_hours, has_pair_id)}")
         # Order matters: allowed_directories must be set while external access is still on.
-        con.execute(f"SET allowed_directories = [{_quote(str(self.root) + os.sep)}]")
+        con.execute(f"SET allowed_directories = [{literal(str(self.root) + os.sep)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
 
@@ -306,7 +306,7 @@ class Catalog:
             except duckdb.PermissionException as e:
                 raise QueryRefusedError(
                     f"Refused: the query reads or writes files outside the store {str(self.root)!r} "
-                    f"({e}). Query the views studies, embeddings, pairs, failures, runs instead."
+                    f"({e}). Query the views studies, embeddings, pairs, failures, runs, experiments instead."
                 ) from e
             except duckdb.IOException as e:
                 # A file a view names vanished: gc merged or compacted parts after the catalog

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from embedstore._fsio import atomic_path
 from embedstore.domain import Modality
 from embedstore.errors import ManifestError
 from embedstore.pseudonym import load_pseudonym_key, pseudonymise
@@ -284,12 +285,10 @@ def write_manifest(
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     out.mkdir(parents=True, exist_ok=True)
     pq_path = out / f"{name}.parquet"
-    tmp = pq_path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, pq_path)
-    csv_tmp = out / f"{name}.csv.tmp"
-    pacsv.write_csv(table.replace_schema_metadata(None), csv_tmp)
-    os.replace(csv_tmp, out / f"{name}.csv")
+    with atomic_path(pq_path) as tmp:
+        pq.write_table(table, tmp)
+    with atomic_path(out / f"{name}.csv") as tmp:
+        pacsv.write_csv(table.replace_schema_metadata(None), tmp)
     return pq_path
 
 

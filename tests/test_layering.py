@@ -4,6 +4,7 @@ prints."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,14 @@ def _imports(path: Path) -> set[str]:
 
 
 def _py_files(*folders: str) -> list[Path]:
-    return [p for f in folders for p in sorted((ROOT / f).rglob("*.py"))
-            if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+    # os.walk pruning dot folders: never descends into caches (.venv-dalle2, .cache) that a
+    # running benchmark may be writing to
+    out = []
+    for f in folders:
+        for dirpath, dirnames, filenames in os.walk(ROOT / f):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            out += [Path(dirpath) / n for n in sorted(filenames) if n.endswith(".py")]
+    return out
 
 
 @pytest.mark.parametrize("path", _py_files("models"), ids=lambda p: str(p.relative_to(ROOT)))

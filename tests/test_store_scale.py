@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from embedstore.cli.app import app
 from typer.testing import CliRunner
 
-from embedstore.cli.app import app
 from embedstore.errors import StoreCorruptError, StoreFormatError
 from embedstore.store import open_store, upgrade_store
 from embedstore.store._backend import LocalBackend
@@ -229,7 +229,7 @@ def test_meta_is_read_lazily_and_survives_a_compaction(store):
     fill(store, [3], version=1)  # supersedes a loaded row ...
     store.gc(dry_run=False)  # ... and removes the version that was loaded
     with pytest.raises(StoreCorruptError, match="load the set again"):
-        stale.meta
+        _ = stale.meta
 
 
 def test_add_many_is_add_in_bulk(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from embedstore.sql import literal
 from embedstore.store._backend import Backend
 from embedstore.store.commitlog import live_parts
 from embedstore.store.format import FAILURES_DIR
@@ -47,13 +48,10 @@ _EMPTY_FAILURES = (
 )
 
 
-def q(text: str) -> str:
-    """A SQL string literal."""
-    return "'" + str(text).replace("'", "''") + "'"
 
 
 def _files(backend: Backend, keys: Sequence[str]) -> str:
-    return "[" + ", ".join(q(backend.local_path(k)) for k in keys) + "]"
+    return "[" + ", ".join(literal(backend.local_path(k)) for k in keys) + "]"
 
 
 @dataclass
@@ -66,13 +64,13 @@ class CatalogSources:
 
 def _set_sql(backend: Backend, sd: SetDir, snap: Snapshot) -> tuple[list[str], str | None]:
     """(commits branches, embeddings branch) of one set."""
-    mod, key = q(sd.modality), q(sd.encoder_key)
+    mod, key = literal(sd.modality), literal(sd.encoder_key)
     commits = []
     for seg in snap.segments:
         if not seg.parts:
             continue
         commits.append(
-            f"SELECT {mod} AS modality, {key} AS encoder_key, {q(seg.name)} AS segment, "
+            f"SELECT {mod} AS modality, {key} AS encoder_key, {literal(seg.name)} AS segment, "
             f"{_COMMIT_COLS} FROM read_parquet({_files(backend, [p.key for p in seg.parts])})"
         )
     if not commits:
@@ -89,7 +87,7 @@ def _set_sql(backend: Backend, sd: SetDir, snap: Snapshot) -> tuple[list[str], s
                 branches.append(
                     f"SELECT study_id, patient_id, {mod} AS modality, {key} AS encoder_key, "
                     f"content_hash, cache_key, CAST(file_row_number + {base} AS BIGINT) AS row, "
-                    f"created_at FROM read_parquet({q(backend.local_path(p.key))}, "
+                    f"created_at FROM read_parquet({literal(backend.local_path(p.key))}, "
                     "file_row_number = true)"
                 )
                 base += p.rows
