@@ -410,6 +410,9 @@ def experiment_result(res: ExperimentResult) -> None:
 
 def demo_result(res: DemoResult) -> None:
     eval_result(res.evaluation)
+    if res.experiment is not None:
+        _line("")
+        experiment_result(res.experiment)
     t = res.timings_s
     parts = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k != "total_s")
     _line(f"Results table: {res.results_path}   ({t['total_s']:.0f} s in total: {parts})")
