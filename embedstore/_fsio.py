@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from embedstore.errors import DISK_ERRNOS, DiskWriteError, disk_write_error
+
 __all__ = ["atomic_path", "atomic_write_bytes", "fsync_dir", "fsync_file", "tree_size"]
 
 
@@ -53,6 +55,11 @@ def atomic_write_bytes(
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_ERRNOS and not isinstance(e, DiskWriteError):
+            raise disk_write_error(e, path) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -71,6 +78,11 @@ def atomic_path(path: Path, *, tmp_suffix: str = ".tmp", durable: bool = True) -
         if durable:
             fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_ERRNOS and not isinstance(e, DiskWriteError):
+            raise disk_write_error(e, path) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -9,6 +9,9 @@ never contain patient-identifying DICOM values.
 
 from __future__ import annotations
 
+import errno
+import os
+
 # The root is defined in the lowest layer (models/ never imports the rest of embedstore) and
 # re-exported here, so one ``except EmbedstoreError`` catches every error the project raises.
 from embedstore.models.errors import (
@@ -39,6 +42,9 @@ __all__ = [
     "RunNotFoundError",
     "IncompatibleRunError",
     "FaissIndexError",
+    "DiskWriteError",
+    "DISK_ERRNOS",
+    "disk_write_error",
 ]
 
 
@@ -88,6 +94,30 @@ class FaissIndexError(EmbedstoreError, RuntimeError):
     """A FAISS index problem: missing, corrupt, of another format, or asked for a bad k."""
 
     reason = "index_error"
+
+
+class DiskWriteError(EmbedstoreError, OSError):
+    """A write failed for lack of space or a failing device (ENOSPC, EDQUOT, EIO, EROFS)."""
+
+    reason = "disk_write_failed"
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno n] strerror: filename"
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+#: The errnos that mean "the disk, not the data": a re-run after freeing space succeeds.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
+
+def disk_write_error(e: OSError, path: object) -> DiskWriteError:
+    """The typed error for a failed write of ``path`` (keeps the errno and the path)."""
+    what = e.strerror or os.strerror(e.errno or errno.EIO)
+    fix = ("Free space on that file system" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "Check or replace the device (or remount it writable)")
+    err = DiskWriteError(f"Could not write {path}: {what}. {fix}, then re-run the same command: "
+                         "everything committed before is kept.")
+    err.errno, err.strerror, err.filename = e.errno, what, str(path)
+    return err
 
 
 #: Everything the CLI reports as ``Error: <message>`` with exit code 1 (never a traceback).

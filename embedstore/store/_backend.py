@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from embedstore.errors import DISK_ERRNOS, DiskWriteError, disk_write_error
 from embedstore.store._faults import PutFaults, fault_point, fault_write
 
 __all__ = ["Backend", "LocalBackend", "TEMP_SUFFIX"]
@@ -102,6 +103,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _disk_errors(path: str) -> Iterator[None]:
+    """A full disk or a failing device while writing ``path`` -> one typed error naming it."""
+    try:
+        yield
+    except DiskWriteError:
+        raise
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_write_error(e, path) from e
+        raise
+
+
 class LocalBackend:
     """A store on a local (POSIX) file system."""
 
@@ -126,32 +140,43 @@ class LocalBackend:
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            expected = 0
             for i, part in enumerate(parts):
                 fault_write(fd, part, faults.mid_write if i == 0 else None)
+                expected += memoryview(part).nbytes
+            written = os.fstat(fd).st_size
+            if written != expected:  # a short write that did not say so: never publish it
+                raise OSError(errno.EIO, f"short write ({written} of {expected} bytes reached "
+                              "the disk)", tmp)
             if size is not None:
                 os.ftruncate(fd, size)  # zero padding; a hole on file systems that have them
             fault_point(faults.before_fsync)
             if durable:
-                os.fsync(fd)
+                os.fsync(fd)  # an fsync error (EIO) is a failed write, never a published one
         except BaseException:
             os.close(fd)
             _unlink(tmp)
             raise
         os.close(fd)
-        fault_point(faults.before_publish)
+        try:
+            fault_point(faults.before_publish)
+        except BaseException:
+            _unlink(tmp)
+            raise
         return tmp
 
     def put(self, key: str, data: Buffer | Sequence[Buffer], *, size: int | None = None,
             durable: bool = True, sync_dir: bool = True, faults: PutFaults = _NO_FAULTS) -> None:
         path = self._path(key)
-        tmp = self._write_temp(path, data, size, durable, faults)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        if durable and sync_dir:
-            _fsync_dir(os.path.dirname(path))
+        with _disk_errors(path):
+            tmp = self._write_temp(path, data, size, durable, faults)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink(tmp)
+                raise
+            if durable and sync_dir:
+                _fsync_dir(os.path.dirname(path))
         fault_point(faults.after_publish)
 
     def put_once(self, key: str, data: Buffer, *, durable: bool = True,
@@ -159,13 +184,14 @@ class LocalBackend:
         path = self._path(key)
         if os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, "write-once object exists", path)
-        tmp = self._write_temp(path, data, None, durable, faults)
-        try:
-            os.link(tmp, path)  # unlike rename, a link never replaces an existing name
-        finally:
-            _unlink(tmp)
-        if durable:
-            _fsync_dir(os.path.dirname(path))
+        with _disk_errors(path):
+            tmp = self._write_temp(path, data, None, durable, faults)
+            try:
+                os.link(tmp, path)  # unlike rename, a link never replaces an existing name
+            finally:
+                _unlink(tmp)
+            if durable:
+                _fsync_dir(os.path.dirname(path))
         fault_point(faults.after_publish)
 
     @contextmanager
@@ -175,16 +201,17 @@ class LocalBackend:
             raise FileExistsError(errno.EEXIST, "write-once object exists", path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
-        try:
-            with open(tmp, "xb") as f:
-                yield f
-                f.flush()
-                fault_point(faults.before_fsync)
-                os.fsync(f.fileno())
-            fault_point(faults.before_publish)
-            os.link(tmp, path)
-        finally:
-            _unlink(tmp)
+        with _disk_errors(path):
+            try:
+                with open(tmp, "xb") as f:
+                    yield f
+                    f.flush()
+                    fault_point(faults.before_fsync)
+                    os.fsync(f.fileno())
+                fault_point(faults.before_publish)
+                os.link(tmp, path)
+            finally:
+                _unlink(tmp)
         _fsync_dir(os.path.dirname(path))
         fault_point(faults.after_publish)
 

@@ -4,16 +4,20 @@ Production code only marks the points (``fault_point("before_fsync")``, or ``fau
 data, "mid_commit")`` where a write can be cut short); nothing happens unless the environment
 variable below is set, which only tests/test_store_crash.py does, in the subprocesses it kills.
 
-    EMBEDSTORE_CRASH_AT="<point>[:<nth>]"
+    EMBEDSTORE_CRASH_AT="<point>[:<nth>][@<action>]"
 
-makes the process inject a fault the nth time (default 1) it reaches <point>. The fault today is
-always ``kill``: SIGKILL, no cleanup, exactly as `kill -9` would; at a write point the first half
-of the data is written first (a torn write). Another kind of fault is one more entry in
-``ACTIONS`` plus its branch in ``Fault.strike`` / ``Fault.write``.
+makes the process inject a fault the nth time (default 1) it reaches <point>, and every time
+after. Actions: ``kill`` (default): SIGKILL, no cleanup, exactly as `kill -9` would; at a write
+point the first half of the data is written first (a torn write). ``short``: at a write point,
+only half the data is written and the write returns as if it had succeeded (a lying short
+write; the writer's length check must catch it). ``enospc`` / ``eio``: the write or the point
+raises ``OSError`` with that errno (a full disk, a failing device). Another kind of fault is one
+more entry in ``ACTIONS`` plus its branch in ``Fault.strike`` / ``Fault.write``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -43,7 +47,8 @@ POINTS = (
     # merging a segment's commit parts into one
     "merge_after_publish",  # merged part published, the parts it covers not yet removed
 )
-ACTIONS = ("kill",)
+ACTIONS = ("kill", "short", "enospc", "eio")
+_ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO}
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,17 @@ class Fault:
         if self.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)  # does not return
             return
+        if self.action in _ERRNO:
+            code = _ERRNO[self.action]
+            raise OSError(code, os.strerror(code))
+        if self.action == "short":
+            return  # nothing is written at a point that writes nothing
         raise RuntimeError(f"internal error: fault action {self.action!r} has no strike")
 
     def write(self, fd: int, data: bytes) -> None:
         """Act in place of ``os.write(fd, data)``."""
-        if self.action == "kill":
-            os.write(fd, data[: len(data) // 2])  # a torn write, then the kill
+        if self.action in ("kill", "short"):
+            os.write(fd, data[: len(data) // 2])  # a torn write, then the kill (or nothing)
         self.strike()
 
 
@@ -89,6 +99,11 @@ class FaultPlan:
         self._guard = threading.Lock()
         if not spec:
             return
+        spec, _, action = spec.partition("@")
+        if action:
+            if action not in ACTIONS:
+                raise ConfigError(f"Unknown {ENV_VAR} action {action!r}. Valid: {list(ACTIONS)}.")
+            self.action = action
         point, _, nth = spec.partition(":")
         if point not in POINTS:
             raise ConfigError(f"Unknown {ENV_VAR} point {point!r}. Valid: {list(POINTS)}.")
