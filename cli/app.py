@@ -243,11 +243,12 @@ def verify(store: StoreArg, json_out: JsonOpt = False) -> None:
 def gc(
     store: StoreArg,
     yes: Annotated[bool, typer.Option("--yes", help="Actually remove (default: dry run listing).")] = False,
+    drop_unreferenced: Annotated[bool, typer.Option("--drop-unreferenced", help="Also remove rows of studies that are not in the current manifest (kept by default).")] = False,
 ) -> None:
-    """Remove superseded or unreferenced embeddings and orphan files (dry run unless --yes)."""
+    """Remove superseded embeddings and orphan files (dry run unless --yes)."""
     from embedstore.store import open_store
 
-    render.gc_report(open_store(store).gc(dry_run=not yes))
+    render.gc_report(open_store(store).gc(dry_run=not yes, drop_unreferenced=drop_unreferenced))
 
 
 @app.command()
@@ -441,6 +442,15 @@ def experiment(
         render.experiment_result(res)
 
 
+def _number_list(text: str, kind: type, option: str) -> tuple[Any, ...]:
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of "
+                                 f"{kind.__name__}s, e.g. {'0.1,0.5' if kind is float else '4,5,6'}.",
+                                 param_hint=option) from e
+
+
 @app.command()
 @_user_errors
 def demo(
@@ -449,12 +459,14 @@ def demo(
     seed: Annotated[int, typer.Option(help="Cohort and training seed.")] = 0,
     label_fraction: Annotated[float, typer.Option(help="Labelled fraction of training patients.")] = 0.25,
     fractions: Annotated[str, typer.Option(help="Label-efficiency curve fractions ('' to skip).")] = "0.1,0.25,0.5,1.0",
+    experiment_seeds: Annotated[str, typer.Option(help="Seeds of the closing multi-seed experiment ('' to skip).")] = "4,5,6",
 ) -> None:
     """The whole pipeline on the built-in synthetic cohort: synth -> extract -> train -> eval."""
     from embedstore.demo import run_demo
 
     res = run_demo(workdir, patients=patients, seed=seed, label_fraction=label_fraction,
-                   fractions=tuple(float(f) for f in fractions.split(",") if f.strip()),
+                   fractions=_number_list(fractions, float, "--fractions"),
+                   experiment_seeds=_number_list(experiment_seeds, int, "--experiment-seeds"),
                    reporter=_reporter())
     render.demo_result(res)
 
