@@ -239,6 +239,22 @@ def case_query(work: Path, arg: str) -> dict:
     return {"s": dt, "rows": got.num_rows}
 
 
+def case_query_cli(work: Path, arg: str) -> dict:
+    """`embedstore query STORE "SELECT count(*) ..."` as a user runs it: a fresh interpreter, so
+    the time includes start-up and imports; peak RSS is that child's (wait4's ru_maxrss)."""
+    exe = Path(sys.executable).with_name("embedstore")
+    t = time.perf_counter()
+    p = subprocess.Popen([str(exe), "query", str(work / arg),
+                          "SELECT count(*) AS n FROM embeddings", "--format", "csv"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = p.stdout.read() if p.stdout else b""
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"embedstore query failed: {p.stderr.read().decode() if p.stderr else ''}")
+    return {"s": dt, "out": out.decode().strip().splitlines()[-1], "rss": ru.ru_maxrss * 1024}
+
+
 def case_query_raw(work: Path, arg: str) -> dict:
     import duckdb
 
@@ -316,7 +332,7 @@ def case_info(work: Path, arg: str) -> dict:
 CASES: dict[str, Callable[[Path, str], dict]] = {
     "np_save": case_np_save, "write": case_write, "np_load": case_np_load, "load": case_load,
     "load_where": case_load_where, "mmap_where": case_mmap_where, "query": case_query,
-    "query_raw": case_query_raw, "append": case_append, "verify": case_verify,
+    "query_raw": case_query_raw, "query_cli": case_query_cli, "append": case_append, "verify": case_verify,
     "read_crc": case_read_crc, "info": case_info,
 }
 
@@ -337,7 +353,7 @@ def peak_rss() -> int:
 def main(argv: list[str]) -> None:
     case, work, arg = argv[0], Path(argv[1]), (argv[2] if len(argv) > 2 else "")
     out = CASES[case](work, arg)
-    out["rss"] = peak_rss()
+    out.setdefault("rss", peak_rss())  # query_cli reports its child's
     print(json.dumps(out))
 
 
@@ -414,6 +430,7 @@ def scale_at(work: Path, n: int, reps: int, log: Callable[[str], None]) -> dict:
     r["query"] = median_case("query", work, "inorder", reps)
     r["query_shuffled"] = median_case("query", work, "shuffled", reps)
     r["info"] = median_case("info", work, "inorder", reps)
+    r["query_cli"] = median_case("query_cli", work, "inorder", reps)
 
     def drop_segment(store: str) -> Callable[[dict], None]:
         def after(got: dict) -> None:  # undo the append, so every repeat sees the same store
@@ -494,6 +511,7 @@ GROWTH_ROWS = [  # (label, store case, baseline case or None)
     ("first cohort query (open + catalog + SQL)", "query", "query_raw"),
     ("first cohort query, shuffled store", "query_shuffled", "query_raw"),
     ("open + sets() (counts)", "info", None),
+    ("`embedstore query` CLI, SELECT count(*) (process start to exit)", "query_cli", None),
     ("append 100 rows (new ids after the range)", "append", "append_empty"),
     ("append 100 rows (new ids inside the range)", "append_inside", "append_empty"),
     ("verify", "verify", "read_crc"),
@@ -597,6 +615,11 @@ def render(results: dict[int, dict], reps: int, big: dict | None, quick: bool) -
 def run_scale(quick: bool = False, big: bool = False, log: Callable[[str], None] = print) -> str:
     sizes = (1_000, 10_000) if quick else (10_000, 100_000, 1_000_000)
     reps = 1 if quick else 3
+    if os.environ.get("BENCH_SCALE_SIZES"):  # e.g. "10000,100000": a partial run, said in the table
+        sizes = tuple(int(x) for x in os.environ["BENCH_SCALE_SIZES"].split(","))
+        quick = quick or max(sizes) < 1_000_000
+    if os.environ.get("BENCH_SCALE_REPS"):
+        reps = int(os.environ["BENCH_SCALE_REPS"])
     base = Path(os.environ.get("BENCH_TMP") or "/tmp")
     work = Path(__import__("tempfile").mkdtemp(prefix="bench-store-scale-", dir=base))
     try:

@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -140,6 +142,31 @@ def _pairs_sql(max_gap_hours: float, has_pair_id: bool) -> str:
           AND {gap} <= {float(max_gap_hours)!r}
         QUALIFY row_number() OVER (PARTITION BY ct.study_id ORDER BY {gap}, cx.study_id) = 1
     """
+
+
+def read_experiments(root: Path) -> pa.Table:
+    """One row per finished experiment under ``root`` (the ``experiments`` SQL view; here, not
+    in embedstore.experiment, so a first query does not import scipy)."""
+    rows: dict[str, list[Any]] = {"experiment_id": [], "name": [], "created_at": [],
+                                  "config": [], "verdicts": []}
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            try:
+                summ = json.loads((d / "summary.json").read_text())
+                conf = json.loads((d / "config.json").read_text())
+            except (OSError, ValueError):
+                continue  # unfinished or being written: not an experiment yet
+            rows["experiment_id"].append(d.name)
+            rows["name"].append(str(conf.get("name")))
+            rows["created_at"].append(time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime((d / "summary.json").stat().st_mtime)))
+            rows["config"].append(json.dumps(conf, sort_keys=True))
+            rows["verdicts"].append(list(map(str, summ.get("verdicts", []))))
+    return pa.table({"experiment_id": pa.array(rows["experiment_id"], pa.string()),
+                     "name": pa.array(rows["name"], pa.string()),
+                     "created_at": pa.array(rows["created_at"], pa.string()),
+                     "config": pa.array(rows["config"], pa.string()),
+                     "verdicts": pa.array(rows["verdicts"], pa.list_(pa.string()))})
 
 
 def read_runs(runs_dir: Path) -> pa.Table:

@@ -405,25 +405,3 @@ def summarize(table: pa.Table, cfg: ExperimentConfig) -> dict[str, Any]:
             "verdicts": [d["verdict"] for d in deltas]}
 
 
-def read_experiments(root: Path) -> pa.Table:
-    """One row per finished experiment under ``root`` (the ``experiments`` SQL view)."""
-    rows: dict[str, list[Any]] = {"experiment_id": [], "name": [], "created_at": [],
-                                  "config": [], "verdicts": []}
-    if root.is_dir():
-        for d in sorted(root.iterdir()):
-            try:
-                summ = json.loads((d / "summary.json").read_text())
-                conf = json.loads((d / "config.json").read_text())
-            except (OSError, ValueError):
-                continue  # unfinished or being written: not an experiment yet
-            rows["experiment_id"].append(d.name)
-            rows["name"].append(str(conf.get("name")))
-            rows["created_at"].append(time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime((d / "summary.json").stat().st_mtime)))
-            rows["config"].append(json.dumps(conf, sort_keys=True))
-            rows["verdicts"].append(list(map(str, summ.get("verdicts", []))))
-    return pa.table({"experiment_id": pa.array(rows["experiment_id"], pa.string()),
-                     "name": pa.array(rows["name"], pa.string()),
-                     "created_at": pa.array(rows["created_at"], pa.string()),
-                     "config": pa.array(rows["config"], pa.string()),
-                     "verdicts": pa.array(rows["verdicts"], pa.list_(pa.string()))})

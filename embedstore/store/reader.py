@@ -405,8 +405,7 @@ class Store:
     # -- SQL ----------------------------------------------------------------------------------
     def catalog(self, *, memory_limit: str = "2GB", threads: int = 2) -> Catalog:
         """The sandboxed DuckDB catalog, rebuilt when the store's files changed."""
-        from embedstore.catalog import Catalog, read_runs
-        from embedstore.experiment import read_experiments
+        from embedstore.catalog import Catalog, read_experiments, read_runs
         from embedstore.store.views import catalog_sources
 
         key = (str(memory_limit), int(threads))
