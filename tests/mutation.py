@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
                          capture_output=True, text=True, check=False).stdout
     per: dict[str, Counter[str]] = defaultdict(Counter)
     for line in res.splitlines():
-        m = re.match(r"\s*(embedstore\.[\w.]+?)\.x_\w+__mutmut_\d+: (.+)$", line)
+        m = re.match(r"\s*(embedstore\.[\w.]+?)\.x[_ǁ].*__mutmut_\d+: (.+)$", line)
         if m:
             per[m.group(1)][m.group(2).strip()] += 1
     total: Counter[str] = Counter()
