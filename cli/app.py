@@ -243,11 +243,12 @@ def verify(store: StoreArg, json_out: JsonOpt = False) -> None:
 def gc(
     store: StoreArg,
     yes: Annotated[bool, typer.Option("--yes", help="Actually remove (default: dry run listing).")] = False,
+    drop_unreferenced: Annotated[bool, typer.Option("--drop-unreferenced", help="Also remove rows of studies that are not in the current manifest (kept by default).")] = False,
 ) -> None:
-    """Remove superseded or unreferenced embeddings and orphan files (dry run unless --yes)."""
+    """Remove superseded embeddings and orphan files (dry run unless --yes)."""
     from embedstore.store import open_store
 
-    render.gc_report(open_store(store).gc(dry_run=not yes))
+    render.gc_report(open_store(store).gc(dry_run=not yes, drop_unreferenced=drop_unreferenced))
 
 
 @app.command()

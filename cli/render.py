@@ -272,13 +272,21 @@ def upgrade_report(store: object, rep: dict[str, Any]) -> None:
 
 
 def gc_report(rep: GcReport) -> None:
+    kept_n = sum(rep.unreferenced_rows.values()) if not rep.drop_unreferenced else 0
+    kept_line = (f"Kept {kept_n} rows of studies that are not in the current manifest "
+                 "(re-attach the manifest that lists them, or pass --drop-unreferenced to remove "
+                 "them).")
     if rep.nothing_to_do:
         _line("Nothing to collect: no superseded rows, unreferenced sets or orphan files.")
+        if kept_n:
+            _line(kept_line)
         return
     d = rep.to_dict()
     items: list[str] = []
     for key, label in (("superseded_rows", "superseded rows"),
                        ("unreferenced_rows", "rows of studies no longer in the manifest")):
+        if key == "unreferenced_rows" and not rep.drop_unreferenced:
+            continue
         for set_name, n in d[key].items():
             if n:
                 items.append(f"{n} {label} in {set_name}")
@@ -288,6 +296,8 @@ def gc_report(rep: GcReport) -> None:
     _line(f"{'Would remove' if rep.dry_run else 'Removed'}:")
     for it in items:
         _line(f"  - {it}")
+    if kept_n:
+        _line(kept_line)
     if rep.dry_run:
         _line("Dry run: nothing was changed. Re-run with --yes to remove them.")
     else:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from embedstore import _decode
@@ -40,6 +41,7 @@ from embedstore.manifest import Manifest, load_manifest
 from embedstore.models.encoders import FrozenEncoder, create_encoder
 from embedstore.preprocess import PreprocessSpec
 from embedstore.store import Store, open_store
+from embedstore.store.lock import Lock
 
 __all__ = [
     "ExtractConfig",
@@ -335,7 +337,38 @@ def _extract(
     t0 = time.perf_counter()
     manifest = load_manifest(manifest_path, check_paths=False)
     store = open_store(store_path, create=True)
+    scope = None if cfg.shard is None else f"shard-{cfg.shard[0]}-of-{cfg.shard[1]}"
+    # The lock first: a command that is refused (another writer holds the store) or fails
+    # before writing must leave the store as it was, its manifest included.
+    lock = Lock(store.root, scope).acquire()
+    try:
+        _attach_manifest(store, manifest, scope)
+        return _extract_locked(store, manifest, cfg, on_progress, stop, t0, scope)
+    finally:
+        lock.release()
+
+
+def _attach_manifest(store: Store, manifest: Manifest, scope: str | None) -> None:
+    """Shards of one extraction share the store lock: none of them may swap the manifest that
+    the others are extracting from."""
+    if scope is not None and store.manifest_path.exists():
+        import pyarrow.parquet as pq
+
+        def canon(t: pa.Table) -> pa.Table:
+            return t.replace_schema_metadata(None).sort_by("study_id")
+
+        if not canon(pq.read_table(store.manifest_path)).equals(canon(manifest.table)):
+            raise ConfigError(
+                f"--shard {scope}: the store's manifest differs from the one given. Every shard "
+                "of one extraction must use the same manifest; run the shards with that one, or "
+                "extract without --shard to replace it.")
+        return
     store.attach_manifest(manifest.table)
+
+
+def _extract_locked(store: Store, manifest: Manifest, cfg: ExtractConfig,
+                    on_progress: Callable[[ExtractSummary, int], None] | None, stop: _Stop,
+                    t0: float, scope: str | None) -> ExtractSummary:
     device = _device(cfg.device)
     spec_ = resolve_spec(cfg.encoder or default_encoder(cfg.modality), weights=cfg.weights,
                          card_file=cfg.card)
@@ -355,7 +388,6 @@ def _extract(
     summary.selected = len(rows)
     spec = ident.spec(provenance(manifest_fingerprint=manifest.fingerprint,
                                  weights=encoder.spec.weights))
-    scope = None if cfg.shard is None else f"shard-{cfg.shard[0]}-of-{cfg.shard[1]}"
     patient_of = {str(r["study_id"]): str(r["patient_id"]) for r in rows}
     quarantined = set() if cfg.retry_failed else _quarantined(store, cfg.modality, key)
     with store.writer(cfg.modality, key, dim=encoder.embed_dim, spec=spec, capacity=len(rows),

@@ -136,3 +136,62 @@ def test_cli_extract_with_two_encoders_reports_each(cohort: Path, tmp_path: Path
     assert lines[0].startswith(f"CXR [{rows[0]['encoder_key']}]")
     bad = CliRunner().invoke(app, [*args[:-1], f"{CXR_ENC},", "--json"])
     assert bad.exit_code == 1 and "Error: --encoder" in bad.output
+
+
+def _relisted(cohort: Path, out: Path, *, suffix: str) -> Path:
+    """The cohort's CXR studies listed again under new study (and patient) ids, same files."""
+    full = load_manifest(cohort / "manifest.parquet", check_paths=False)
+    t = full.table.filter(pc.equal(full.table["modality"], "CXR"))
+    t = t.set_column(t.column_names.index("path"), "path",
+                     pa.array([str(full.resolve(p)) for p in t["path"].to_pylist()]))
+    for col in ("study_id", "patient_id"):
+        t = t.set_column(t.column_names.index(col), col,
+                         pa.array([f"{v}{suffix}" for v in t[col].to_pylist()]))
+    return write_manifest(t, out, check_paths=False)
+
+
+def test_new_study_ids_with_known_pixels_get_their_own_rows(cohort: Path, tmp_path: Path) -> None:
+    # issue 10, item 2: content-addressed reuse must still create the row for each study id
+    store = tmp_path / "s"
+    first = extract(store, cohort / "manifest.parquet", _cfg())
+    old = open_store(store).load("CXR", first.encoder_key)
+    old_vec = dict(zip(old.study_ids, old.vectors, strict=True))
+    relisted = _relisted(cohort, tmp_path / "m2", suffix="-again")
+    again = extract(store, relisted, _cfg())
+    assert again.failed == 0 and again.done + again.cached == 6
+    st = open_store(store)
+    es = st.load("CXR", first.encoder_key, where="true")
+    ids = set(es.study_ids)
+    new_ids = set(load_manifest(relisted, check_paths=False).table["study_id"].to_pylist())
+    assert new_ids <= ids, f"no rows for {sorted(new_ids - ids)}"
+    by_id = dict(zip(es.study_ids, es.vectors, strict=True))
+    for sid in new_ids:  # the same pixels give the same vector
+        assert (by_id[sid] == old_vec[sid.removesuffix("-again")]).all()
+
+
+def test_a_refused_writer_changes_nothing_in_the_store(cohort: Path, tmp_path: Path) -> None:
+    # issue 10, item 1: a second extract with another manifest, refused because the store is
+    # locked, must not have replaced manifest.parquet (gc would then drop the committed rows)
+    from embedstore.store.lock import Lock
+
+    store = tmp_path / "s"
+    extract(store, cohort / "manifest.parquet", _cfg())
+    manifest_file = open_store(store).manifest_path
+    before = manifest_file.read_bytes()
+    other = _relisted(cohort, tmp_path / "m2", suffix="-other")
+    held = Lock(open_store(store).root, None).acquire()  # another writer holds the store
+    try:
+        import subprocess
+        import sys
+
+        code = ("import sys; from embedstore.extract import ExtractConfig, extract; "
+                "from embedstore.errors import StoreLockedError\n"
+                "try:\n    extract(sys.argv[1], sys.argv[2], ExtractConfig(modality='cxr', "
+                f"encoder='{CXR_ENC}', workers=0))\n"
+                "except StoreLockedError:\n    sys.exit(3)\n")
+        res = subprocess.run([sys.executable, "-c", code, str(store), str(other)], check=False,
+                             capture_output=True, text=True)
+        assert res.returncode == 3, res.stderr[-2000:]
+    finally:
+        held.release()
+    assert manifest_file.read_bytes() == before

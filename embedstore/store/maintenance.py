@@ -116,12 +116,15 @@ class GcReport:
     empty_segments: tuple[str, ...] = ()
     compacted_sets: tuple[str, ...] = ()
     bytes_freed: int = 0
+    # rows of studies missing from the manifest are kept (and only listed) unless asked: a
+    # manifest replaced by mistake must not cost the embeddings
+    drop_unreferenced: bool = False
 
     @property
     def nothing_to_do(self) -> bool:
         return not (
             any(self.superseded_rows.values())
-            or any(self.unreferenced_rows.values())
+            or (self.drop_unreferenced and any(self.unreferenced_rows.values()))
             or self.unreferenced_sets
             or self.orphan_temp_files
             or self.empty_segments
@@ -362,11 +365,13 @@ def _membership(sd: SetDir, key: str, sids: pa.Array, manifest: pa.Table) -> lis
 # ------------------------------------------------------------------------------------------------
 
 
-def gc(store: Store, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None) -> GcReport:
+def gc(store: Store, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None,
+       drop_unreferenced: bool = False) -> GcReport:
     """See Store.gc."""
     lock = None if dry_run else Lock(store.root, None).acquire()
     try:
-        return _gc(store, dry_run, None if keep_sets is None else {str(k) for k in keep_sets})
+        return _gc(store, dry_run, None if keep_sets is None else {str(k) for k in keep_sets},
+                   drop_unreferenced)
     finally:
         if lock is not None:
             lock.release()
@@ -380,7 +385,8 @@ def _dead_writer(backend: Backend, seg_key: str, host: str) -> bool:
                 and pid_alive(pid))
 
 
-def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
+def _gc(store: Store, dry_run: bool, keep: set[str] | None,
+        drop_unreferenced: bool = False) -> GcReport:
     root, backend = store.root, store.backend
     manifest_ids = None
     if store.manifest_path.exists():
@@ -405,13 +411,15 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
             keep_rows = _subset(live, mask)
         superseded[sd.name] = live.superseded
         unreferenced[sd.name] = live.n - keep_rows.n
+        if not drop_unreferenced:
+            keep_rows = live  # listed, not removed
         nonempty = 0
         for seg in snap.segments:
             if seg.rows:
                 nonempty += 1
             elif _dead_writer(backend, seg.key, host):
                 empty.append(seg.key)
-        if live.superseded or unreferenced[sd.name] or nonempty > 1:
+        if live.superseded or (drop_unreferenced and unreferenced[sd.name]) or nonempty > 1:
             compact.append((sd, snap, keep_rows))
         elif any(len(s.parts) > 1 for s in snap.segments):
             merge.append(sd)
@@ -447,6 +455,7 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None) -> GcReport:
         superseded_rows=superseded,
         unreferenced_rows=unreferenced,
         unreferenced_sets=tuple(sd.name for sd in drop_sets),
+        drop_unreferenced=drop_unreferenced,
         orphan_temp_files=tuple(str(p.relative_to(root)) for p in temps),
         empty_segments=tuple(empty),
         compacted_sets=tuple(compacted) if not dry_run

@@ -511,9 +511,13 @@ class Store:
         return maintenance.verify(self)
 
     def gc(
-        self, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None
+        self, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None,
+        drop_unreferenced: bool = False,
     ) -> maintenance.GcReport:
-        """List (dry run) or remove superseded rows, rows/sets no longer referenced, orphan temp
-        files and empty segments. ``keep_sets``: "MODALITY/encoder_key" names to keep; when
-        given, every other set is unreferenced. Removal needs the whole-store lock."""
-        return maintenance.gc(self, dry_run=dry_run, keep_sets=keep_sets)
+        """List (dry run) or remove superseded rows, orphan temp files and empty segments.
+        Rows of studies missing from the manifest are listed and kept unless
+        ``drop_unreferenced`` (a replaced manifest must not silently cost embeddings).
+        ``keep_sets``: "MODALITY/encoder_key" names to keep; when given, every other set is
+        removed. Removal needs the whole-store lock."""
+        return maintenance.gc(self, dry_run=dry_run, keep_sets=keep_sets,
+                              drop_unreferenced=drop_unreferenced)
