@@ -43,8 +43,8 @@ from embedstore.fit import (
     fit_ridge_logit,
     predict_ridge_logit,
     predict_student,
-    surrogate_latents,
 )
+from embedstore.testing import surrogate_latents
 
 __all__ = ["run"]
 

@@ -46,7 +46,6 @@ __all__ = [
     "predict_embed_student",
     "auc_score",
     "resolve_device",
-    "surrogate_latents",
 ]
 
 #: Called after every epoch with that epoch's history row (``epoch``, ``epochs``, losses,
@@ -661,39 +660,3 @@ def fit_mlp_embed(
             eval_every=1,
         )
     return FitResult(model, hist, best_epoch, best_auc, time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------------------- surrogate data
-def surrogate_latents(
-    n: int = 1000,
-    cxr_dim: int = 512,
-    ctpa_dim: int = 512,
-    *,
-    prevalence: float = 0.3,
-    latent_dim: int = 16,
-    cxr_signal: float = 1.5,
-    ctpa_signal: float = 3.0,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Seeded surrogate paired latents for tests and benchmarks (no imaging involved).
-
-    A shared anatomy latent z (N, latent_dim) and a PE label y drive both modalities:
-    ``ctpa = z Wc + ctpa_signal * y * u_c + noise`` and ``cxr = z Wx + cxr_signal * y * u_x +
-    noise`` with unit vectors u and unit-variance noise, so the label separation (d') is
-    ``ctpa_signal`` on CTPA and the much weaker ``cxr_signal`` on CXR. Returns float32 tensors
-    ``cxr`` (N, cxr_dim), ``ctpa`` (N, ctpa_dim), ``y`` (N,) and ``z``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    y = (torch.rand(n, generator=g) < prevalence).float()  # (N,)
-    z = torch.randn(n, latent_dim, generator=g)  # (N, L)
-
-    def modality(dim: int, signal: float) -> torch.Tensor:
-        w = torch.randn(latent_dim, dim, generator=g) / math.sqrt(latent_dim)  # (L, D)
-        u = torch.randn(dim, generator=g)
-        u = u / u.norm()  # (D,) unit class-mean direction
-        noise = torch.randn(n, dim, generator=g)  # (N, D)
-        return z @ w + signal * y[:, None] * u[None] + noise  # (N, D)
-
-    ctpa = modality(ctpa_dim, ctpa_signal)
-    cxr = modality(cxr_dim, cxr_signal)
-    return {"cxr": cxr, "ctpa": ctpa, "y": y, "z": z}

@@ -25,8 +25,8 @@ from embedstore.fit import (
     predict_embed_student,
     predict_ridge_logit,
     predict_student,
-    surrogate_latents,
 )
+from embedstore.testing import surrogate_latents
 
 D = 16
 TINY_PRIOR = PriorTrainConfig(
