@@ -29,6 +29,9 @@ __all__ = [
     "delong_test",
     "bootstrap_auc_ci",
     "paired_bootstrap_delta",
+    "cluster_bootstrap_aucs",
+    "cluster_bootstrap_auc_ci",
+    "cluster_paired_bootstrap_delta",
     "youden_threshold",
     "binary_metrics",
     "auprc",
@@ -305,6 +308,99 @@ def paired_bootstrap_delta(
     _require_both_classes(y)
     _check_alpha(alpha)
     aucs = _bootstrap_aucs(y, [s1, s2], n_resamples=n_resamples, seed=seed, stratified=stratified)
+    deltas = aucs[0] - aucs[1]
+    deltas = deltas[np.isfinite(deltas)]
+    delta = roc_auc(y, s1) - roc_auc(y, s2)
+    lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
+    return float(delta), float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- patient-clustered
+
+
+def _weighted_auc_rows(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUC of one score vector under each row of a (B, n) case-weight matrix (ties count half).
+
+    A weight is how many times the case was drawn, so integer weights give exactly the AUC of
+    the resample with the cases repeated; NaN where a row has no weight on one class."""
+    from scipy import sparse
+
+    uniq, inv = np.unique(s, return_inverse=True)  # scores -> sorted distinct values
+    n = s.size
+    onehot = sparse.csr_matrix((np.ones(n), (np.arange(n), inv)), shape=(n, uniq.size))
+    pos = (y == 1).astype(float)
+    w_pos = np.asarray((onehot.T @ (w * pos).T).T)  # (B, U) positive weight per distinct score
+    w_neg = np.asarray((onehot.T @ (w * (1.0 - pos)).T).T)  # (B, U)
+    below = np.cumsum(w_neg, axis=1) - w_neg  # negative weight strictly below each value
+    u = (w_pos * (below + 0.5 * w_neg)).sum(axis=1)
+    tot_p, tot_n = w_pos.sum(axis=1), w_neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = u / (tot_p * tot_n)
+    auc[(tot_p == 0) | (tot_n == 0)] = np.nan
+    return auc
+
+
+def cluster_bootstrap_aucs(
+    y, scores: Sequence, groups, *, n_resamples: int = 2000, seed: int = 0
+) -> np.ndarray:
+    """(K, B) bootstrap AUCs resampling PATIENTS (``groups``: one id per case), not cases.
+
+    Each resample draws as many patients as there are, with replacement, and keeps every case
+    of a drawn patient (as often as it was drawn); all K score vectors share the resamples.
+    Use it when a patient contributes more than one case: a case bootstrap then treats
+    correlated cases as independent and its interval is too narrow."""
+    y, s0 = _labels_scores(y, scores[0], name="scores")
+    ss = [s0] + [_labels_scores(y, s, name="scores")[1] for s in scores[1:]]
+    g = np.asarray(groups)
+    if g.ndim != 1 or g.size != y.size:
+        raise ConfigError(
+            f"groups must hold one patient id per case ({y.size}), got shape {g.shape}; "
+            "pass the patient (or CTPA) id column of the scored rows.",
+            reason="bad_config",
+        )
+    if n_resamples < 1:
+        raise ConfigError(
+            f"n_resamples must be a positive integer, got {n_resamples}.", reason="bad_config"
+        )
+    _require_both_classes(y)
+    _, cluster = np.unique(g, return_inverse=True)
+    n_groups = int(cluster.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ELEMS // max(1, y.size))
+    out = np.empty((len(ss), n_resamples))
+    for start in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - start)
+        draws = rng.integers(0, n_groups, size=(b, n_groups))
+        offs = draws + (np.arange(b) * n_groups)[:, None]
+        counts = np.bincount(offs.ravel(), minlength=b * n_groups).reshape(b, n_groups)
+        w = counts[:, cluster].astype(float)  # (b, n) times each case was drawn
+        for k, s in enumerate(ss):
+            out[k, start : start + b] = _weighted_auc_rows(y, s, w)
+    return out
+
+
+def cluster_bootstrap_auc_ci(
+    y, s, groups, *, n_resamples: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Percentile CI of the AUC from the patient-clustered bootstrap (one-class draws dropped)."""
+    _check_alpha(alpha)
+    aucs = cluster_bootstrap_aucs(y, [s], groups, n_resamples=n_resamples, seed=seed)[0]
+    aucs = aucs[np.isfinite(aucs)]
+    if aucs.size == 0:
+        raise ConfigError(
+            "Every patient resample drew a single class; there are too few patients.",
+            reason="one_class",
+        )
+    lo, hi = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def cluster_paired_bootstrap_delta(
+    y, s1, s2, groups, *, n_resamples: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """(delta, lo, hi): AUC(s1) - AUC(s2) and its patient-clustered paired bootstrap CI."""
+    _check_alpha(alpha)
+    aucs = cluster_bootstrap_aucs(y, [s1, s2], groups, n_resamples=n_resamples, seed=seed)
     deltas = aucs[0] - aucs[1]
     deltas = deltas[np.isfinite(deltas)]
     delta = roc_auc(y, s1) - roc_auc(y, s2)
