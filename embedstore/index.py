@@ -431,8 +431,20 @@ class _TopK:
         s = self.q @ x.T  # (S, m)
         if self.metric == "l2":
             s = 2.0 * s - np.einsum("ij,ij->i", x, x)[None, :]
+        if np.isneginf(self.scores[:, -1]).any():
+            # Not full yet (the first chunk): every entry would pass the threshold below, so take
+            # each query's k best of the chunk directly, without an (S x m) index list.
+            k = min(self.k, s.shape[1])
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else \
+                np.broadcast_to(np.arange(s.shape[1]), (s.shape[0], s.shape[1]))
+            sc = np.concatenate([self.scores, np.take_along_axis(s, top, axis=1)], axis=1)
+            ps = np.concatenate([self.pos, top.astype(np.int64) + first_row], axis=1)
+            order = np.argsort(-sc, axis=1, kind="stable")[:, : self.k]
+            self.scores = np.take_along_axis(sc, order, axis=1)
+            self.pos = np.take_along_axis(ps, order, axis=1)
+            return
         thr = self.scores[:, -1]  # (S,) the k-th best so far
-        rows, cols = np.nonzero(s > thr[:, None])  # candidates that can enter a top-k
+        rows, cols = np.nonzero(s > thr[:, None])  # the few entries that can enter a top-k
         if rows.size == 0:
             return
         bounds = np.searchsorted(rows, np.arange(self.q.shape[0] + 1))
