@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo
 
-.PHONY: demo test bench lint clean venv
+.PHONY: demo test bench lint clean venv mutation
 
 venv: $(STAMP)
 
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# Mutation testing (a developer tool, not part of `make test`; see docs/TESTING.md).
+# MODULES: glob patterns of the files to mutate, e.g. MODULES="embedstore/manifest.py".
+MODULES ?= embedstore/store/* embedstore/extract.py embedstore/train.py embedstore/catalog.py embedstore/manifest.py
+mutation: $(STAMP)
+	$(BIN)/python -m pip install -qq "mutmut>=3.3"
+	$(BIN)/python tests/mutation.py $(MODULES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check embedstore models cli tests benchmarks

@@ -5,15 +5,22 @@ In one run, on the synthetic cohort's CTPA series (64 slices of 128x128 int16 ea
      reader in a 2-process pool; the voxels are compared bit for bit;
   2. stages alone vs the overlapped pipeline: decode+preprocess alone, encode alone (arrays in
      RAM), and `extract` end to end; the pipeline should reach >= 0.9x the slowest stage;
-  3. resume: `extract` again on the complete store, as a fraction of the full extraction.
+  3. resume: `extract` again on the complete store, as a fraction of the full extraction;
+  4. full-size CT (issue 13): generated 300- and 600-slice 512x512 int16 series, the decode
+     worker's side (validate + decode + hash + preprocess to demo-ctpa's grid, as `_decode` runs
+     it) vs a bare `dcmread` loop + `np.stack`, each in a fresh process per measurement:
+     series/s and peak RSS (VmHWM) / series bytes.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -131,6 +138,86 @@ def run(quick: bool = False) -> str:
         "| measurement | series/s | ratio | goal / note |",
         "|---|---:|---:|---|",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+        run_fullsize(quick),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-size CT: one fresh process per measurement, so each peak RSS is that path's own
+# ---------------------------------------------------------------------------------------------
+
+_FULL_HW = 512
+
+
+def _write_fullsize_series(folder: Path, n_slices: int) -> int:
+    """A 512x512 int16 series of ``n_slices`` (body ellipse, lungs, noise); returns its bytes."""
+    from datetime import datetime, timezone
+
+    from embedstore._dicomwrite import SyntheticPatient, write_ct_series
+
+    rng = np.random.default_rng(n_slices)
+    yy, xx = np.mgrid[0:_FULL_HW, 0:_FULL_HW]
+    c = (_FULL_HW - 1) / 2
+    body = ((yy - c) / 200) ** 2 + ((xx - c) / 240) ** 2 <= 1
+    lungs = (((yy - c) / 120) ** 2 + ((np.abs(xx - c) - 100) / 70) ** 2) <= 1
+    base = np.where(body, 40, -1000).astype(np.int16)
+    base[lungs] = -800
+    hu = np.empty((n_slices, _FULL_HW, _FULL_HW), dtype=np.int16)  # (S, H, W)
+    for k in range(n_slices):
+        hu[k] = base + rng.integers(-20, 20, size=base.shape, dtype=np.int16)
+    patient = SyntheticPatient("SYN-9000", "F", 60, "bench")
+    write_ct_series(folder, hu, spacing_mm=(1.0, 0.7, 0.7), patient=patient,
+                    when=datetime(2024, 1, 1, tzinfo=timezone.utc), uid_key=f"bench-{n_slices}")
+    return int(hu.nbytes)
+
+
+def _measure(kind: str, folder: Path) -> dict:
+    # a light module of its own: importing this one would load torch and the encoders
+    code = "import sys; from benchmarks._fullsize_child import main; main(sys.argv[1], sys.argv[2])"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, kind, str(folder)], check=True,
+                         capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_fullsize(quick: bool = False) -> str:
+    sizes = (30, 60) if quick else (300, 600)
+    repeats = 1 if quick else 3
+    work = Path(tempfile.mkdtemp(prefix="bench-fullsize-"))
+    rows = []
+    try:
+        for n in sizes:
+            folder = work / f"ct{n}"
+            nbytes = _write_fullsize_series(folder, n)
+            res = {k: [_measure(k, folder) for _ in range(repeats)] for k in ("bare", "ours")}
+            med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak", "base")}
+                   for k, v in res.items()}
+            shutil.rmtree(folder)
+            for k, label in (("bare", "bare `dcmread` loop + `np.stack` (int16, no checks)"),
+                             ("ours", "decode worker: validate + decode + hash + preprocess")):
+                m = med[k]
+                rows.append((f"{n} x 512 x 512: {label}", f"{1 / m['seconds']:.2f}",
+                             f"{med['bare']['seconds'] / m['seconds']:.2f}x",
+                             f"{m['peak'] / nbytes:.2f}x",
+                             f"{(m['peak'] - m['base']) / nbytes:.2f}x",
+                             f"{m['peak'] / 2**20:.0f} MiB"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        "### Full-size CT series (issue 13)",
+        "",
+        f"Generated int16 series, one uncompressed file per 512x512 slice, median of {repeats} "
+        "fresh process(es) per cell. Peak RSS is the process's VmHWM; 'growth' subtracts its RSS "
+        "after imports (the decode worker's imports: numpy, pydicom, scipy; no torch). Goal: "
+        "peak RSS per worker <= 2.5x the series bytes.",
+        "",
+        "| series and path | series/s | speed vs bare | peak RSS / series bytes | "
+        "growth / series bytes | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {' | '.join(r)} |" for r in rows],
     ]
     return "\n".join(lines) + "\n"
 

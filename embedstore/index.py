@@ -42,6 +42,7 @@ from typing import Protocol, runtime_checkable
 import faiss
 import numpy as np
 
+from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import ConfigError, FaissIndexError
 
 __all__ = [
@@ -236,16 +237,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -800,7 +791,7 @@ def save_index(
         text = json.dumps(side, indent=1, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"Index meta must be JSON-serialisable: {e}", reason="bad_config") from e
-    _atomic_write(sidecar_path(path), text.encode())
+    atomic_write_bytes(sidecar_path(path), text.encode())
     index.source_checksum = source_checksum
     return path
 

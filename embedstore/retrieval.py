@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 INDEX_DIR = "index"
-_DIGEST_VERSION = b"embedstore-set-digest/1"
+_DIGEST_VERSION = b"embedstore-set-digest/2"
 
 
 # ----------------------------------------------------------------------------- set identity
@@ -70,28 +70,35 @@ class SetRows:
     order) and, on demand, the set digest that identifies them."""
 
     def __init__(self, store: Store, modality: str, encoder_key: str):
-        sd = SetDir(store.root, check_modality(modality), str(encoder_key))
+        sd = SetDir(store.backend, check_modality(modality), str(encoder_key))
         if not sd.exists():
-            have = [s.name for s in set_dirs(store.root)]
+            have = [s.name for s in set_dirs(store.backend)]
             raise StoreNotFoundError(
                 f"No embedding set {sd.name!r} in store {str(store.root)!r}. "
                 f"Available: {have or 'none (run `embedstore extract` first)'}."
             )
         doc = sd.doc()
-        table = sd.live().table
+        live = sd.live()
         self.modality, self.encoder_key = sd.modality, sd.encoder_key
         self.dim, self.dtype = int(doc["dim"]), str(doc["dtype"])
-        # keep only what identifies the rows; the rest of the live table is freed here
-        self._cols = {c: table[c].combine_chunks() for c in ("study_id", "cache_key", "crc32")}
+        # keep only what identifies the rows: study id, the (immutable) segment and array row
+        # each live row sits in, and when it was written
+        seg_names = np.array([sg.name for sg in live.segments], dtype=object)
+        self._study_ids = live.study_id
+        self._ident = [
+            pa.array(seg_names[live.seg] if len(live.segments) else [], pa.string()),
+            pa.array(np.asarray(live.array_row, dtype=np.int64)),
+            pa.array(np.asarray(live.created_at, dtype=np.int64)),
+        ]
         self._digest: str | None = None
 
     @property
     def n(self) -> int:
-        return len(self._cols["study_id"])
+        return len(self._study_ids)
 
     @property
     def study_ids(self) -> pa.Array:
-        return self._cols["study_id"]
+        return self._study_ids
 
     def position(self, study_id: str) -> int | None:
         i = pc.index(self.study_ids, pa.scalar(str(study_id), self.study_ids.type)).as_py()
@@ -99,12 +106,12 @@ class SetRows:
 
     @property
     def digest(self) -> str:
-        """sha256 over the set's name, dim, dtype and live (study_id, cache_key, crc32) rows."""
+        """sha256 over the set's name, dim, dtype and live (study_id, segment, array row, created_at) rows."""
         if self._digest is None:
             h = hashlib.sha256(_DIGEST_VERSION)
             h.update(f"|{self.modality}|{self.encoder_key}|{self.dim}|{self.dtype}|".encode())
-            for c in ("study_id", "cache_key", "crc32"):
-                _hash_column(h, self._cols[c])
+            for col in (self._study_ids, *self._ident):
+                _hash_column(h, col)
             self._digest = h.hexdigest()
         return self._digest
 
@@ -145,7 +152,7 @@ def index_path(store: Store, modality: str, encoder_key: str) -> Path:
 
 def resolve_set(store: Store, *, encoder_key: str | None, modality: str | None) -> tuple[str, str]:
     """(modality, encoder_key) of one embedding set; the only one when a choice is not given."""
-    sets = [(sd.modality, sd.encoder_key) for sd in set_dirs(store.root)]
+    sets = [(sd.modality, sd.encoder_key) for sd in set_dirs(store.backend)]
     hits = [(m, e) for m, e in sets
             if (encoder_key is None or e == encoder_key)
             and (modality is None or m.upper() == modality.upper())]
@@ -232,7 +239,7 @@ def neighbors(store_path: str | os.PathLike[str], study_id: str, *, k: int = 10,
         raise FaissIndexError(f"k must be a positive integer, got {k!r}.", reason="bad_k")
     store = open_store(store_path)
     options = []
-    for sd in set_dirs(store.root):
+    for sd in set_dirs(store.backend):
         if encoder_key in (None, sd.encoder_key):
             rows = SetRows(store, sd.modality, sd.encoder_key)
             if rows.position(study_id) is not None:

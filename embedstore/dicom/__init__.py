@@ -21,13 +21,16 @@ from embedstore.dicom.hashing import CONTENT_HASH_VERSION as CONTENT_HASH_VERSIO
 from embedstore.dicom.hashing import source_signature
 from embedstore.dicom.radiograph import Radiograph, read_radiograph
 from embedstore.dicom.reasons import REASONS
-from embedstore.dicom.series import CTVolume, read_ct_series
+from embedstore.dicom.series import MISSING_RESCALE_POLICIES, CTVolume, StoredCT, read_ct_series
 from embedstore.dicom.study import content_hash, read_study
-from embedstore.dicom.validation import DEFAULT_MAX_BYTES
+from embedstore.dicom.validation import DEFAULT_MAX_BYTES, MemoryGate
 from embedstore.pseudonym import PUBLIC_SYNTHETIC_KEY, load_pseudonym_key, pseudonymise
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MISSING_RESCALE_POLICIES",
+    "MemoryGate",
+    "StoredCT",
     "PUBLIC_SYNTHETIC_KEY",
     "REASONS",
     "CTVolume",

@@ -28,7 +28,7 @@ def _r(v: float, nd: int = 4) -> float:
 
 
 def _pixel_format(ds: Dataset, info: _PixelInfo) -> dict[str, Any]:
-    return {
+    out = {
         "ts": str(info.ts),
         "bits_allocated": info.bits,
         "bits_stored": int(ds.BitsStored),
@@ -37,6 +37,10 @@ def _pixel_format(ds: Dataset, info: _PixelInfo) -> dict[str, Any]:
         "photometric": str(ds.PhotometricInterpretation),
         "frames": info.frames,
     }
+    if info.ts.is_compressed:
+        # the decoder and its version make the pixels: an upgrade recomputes compressed studies
+        out["decoder"] = f"{info.plugin}: {info.decoder}"
+    return out
 
 
 def _hash_init(modality: str) -> Any:

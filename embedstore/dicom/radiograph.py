@@ -25,6 +25,7 @@ from embedstore.dicom.validation import (
     _HEADER_SLACK,
     _PIXEL_DATA,
     DEFAULT_MAX_BYTES,
+    MemoryGate,
     _check_pixels,
     _decode,
     _file_size,
@@ -32,10 +33,12 @@ from embedstore.dicom.validation import (
     _float_or,
     _floats,
     _is_image_object,
+    _muted,
     _path_name,
     _quiet,
     _raw_pixel_bytes,
     _read,
+    _reserve,
 )
 from embedstore.errors import DicomError
 
@@ -65,7 +68,7 @@ class Radiograph:
 
 
 def _read_png(
-    path: Path, name: str, *, max_bytes: int, decode: bool
+    path: Path, name: str, *, max_bytes: int, decode: bool, gate: MemoryGate | None = None
 ) -> tuple[Radiograph | None, str]:
     from PIL import Image
 
@@ -86,9 +89,10 @@ def _read_png(
                         f"File {name!r} declares {hgt} x {w} pixels, over the limit of "
                         f"{max_bytes} bytes; raise max_bytes if it is genuine.",
                     )
+                _reserve(gate, w * hgt * 12, (hgt, w), f"File {name!r}")
                 opened.load()
                 im = opened.copy()
-        except DicomError:
+        except (DicomError, MemoryError):
             raise
         except Exception as e:
             raise _err(
@@ -149,7 +153,8 @@ def _str_values(value: Any) -> list[str] | None:
 
 
 def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
-    """DICOM windowing (PS3.3 C.11.2.1.2) straight to [0, 1]; None when no usable window."""
+    """DICOM windowing (PS3.3 C.11.2.1.2) straight to [0, 1], in place on the float32 ``arr``;
+    None (``arr`` untouched) when there is no usable window."""
     centers = _str_values(ds.get("WindowCenter"))
     widths = _str_values(ds.get("WindowWidth"))
     if not centers or not widths:
@@ -159,16 +164,28 @@ def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
         return None
     func = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
     if func == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (arr - c) / w))
+        arr -= np.float32(c)
+        arr *= np.float32(-4.0 / w)
+        np.exp(arr, out=arr)
+        arr += 1.0
+        return np.reciprocal(arr, out=arr)
     if func == "LINEAR_EXACT":
-        return np.clip((arr - c) / w + 0.5, 0.0, 1.0)
+        arr -= np.float32(c)
+        arr /= np.float32(w)
+        arr += 0.5
+        return np.clip(arr, 0.0, 1.0, out=arr)
     if w < 1:
         return None
-    return np.clip((arr - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0) if w > 1 else (arr > c - 0.5) * 1.0
+    if w == 1:
+        return (arr > np.float32(c - 0.5)).astype(np.float32)
+    arr -= np.float32(c - 0.5)
+    arr /= np.float32(w - 1)
+    arr += 0.5
+    return np.clip(arr, 0.0, 1.0, out=arr)
 
 
 def _read_dicom_radiograph(
-    path: Path, name: str, *, max_bytes: int, decode: bool
+    path: Path, name: str, *, max_bytes: int, decode: bool, gate: MemoryGate | None = None
 ) -> tuple[Radiograph | None, str]:
     ds = _read(path, name, max_bytes=max_bytes)
     if _PIXEL_DATA not in ds:
@@ -212,26 +229,46 @@ def _read_dicom_radiograph(
     h.update(hashlib.sha256(raw).digest())
     if not decode:
         return None, h.hexdigest()
+    del raw  # the dataset still holds the bytes for the decoder; dropped right after it
     warn: list[str] = []
     if info.frames > 1:
         warn.append(f"multi-frame radiograph ({info.frames} frames): used the first frame")
-    stored = _decode(ds, name, 0 if info.frames > 1 else None)  # (H, W) stored values
+    pixels = info.rows * info.cols
+    # the frame decoded (and the decoder's own copy), then one float32 image worked in place
+    _reserve(gate, 2 * (info.expected // info.frames) + 4 * pixels, (info.rows, info.cols),
+             f"File {name!r}")
+    stored = _decode(ds, name, 0 if info.frames > 1 else None, info)  # (H, W) stored values
     ds.PixelData = None
     if stored.shape != (info.rows, info.cols):
         raise _err(
             "corrupt_pixel_data",
             f"File {name!r} decoded to shape {stored.shape}, not ({info.rows}, {info.cols}).",
         )
-    # order matters: modality LUT -> VOI -> MONOCHROME1 inversion -> [0, 1]
+    if stored.min() == stored.max():
+        raise _err(
+            "blank_image",
+            f"File {name!r} decoded to a constant image (every pixel the same value): a blank "
+            "image from a failed decoder or an empty export; re-export it.",
+        )
+    # order matters: modality LUT -> VOI -> MONOCHROME1 inversion -> [0, 1]; float32 in place
     with _quiet():
         try:
-            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+            if _first(ds.get("ModalityLUTSequence")) is not None:
+                values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+            else:
+                values = stored.astype(np.float32)  # (H, W)
+                if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+                    values *= np.float32(float(ds.RescaleSlope))
+                    values += np.float32(float(ds.RescaleIntercept))
+            del stored
             voi: np.ndarray | None = None
             lut_item = _first(ds.get("VOILUTSequence"))
             if lut_item is not None and lut_item.get("LUTDescriptor"):
                 bits = int(lut_item.LUTDescriptor[2]) or 16
-                lut_in = np.rint(values).astype(np.int64)  # LUT indices must be integers
-                voi = np.asarray(apply_voi(lut_in, ds), dtype=np.float64) / (2**bits - 1)
+                lut_in = np.rint(values).astype(np.int32)  # LUT indices must be integers
+                voi = np.asarray(apply_voi(lut_in, ds), dtype=np.float32) / (2**bits - 1)
+        except MemoryError:
+            raise
         except Exception as e:
             raise _err(
                 "corrupt_pixel_data",
@@ -242,15 +279,13 @@ def _read_dicom_radiograph(
         voi = _window(values, ds)
     if voi is None:
         lo, hi = float(values.min()), float(values.max())
-        if hi > lo:
-            voi = (values - lo) / (hi - lo)  # no window in the file: full range
-        else:
-            voi = np.zeros_like(values)
-            warn.append("constant image")
+        voi = values
+        voi -= lo
+        voi /= hi - lo if hi > lo else 1.0  # no window in the file: full range
         warn.append("no VOI window in the file: min-max scaled")
-    out = np.clip(voi, 0.0, 1.0).astype(np.float32)  # (H, W)
+    out = np.clip(voi, 0.0, 1.0, out=voi)  # (H, W) float32
     if photometric == "MONOCHROME1":
-        out = 1.0 - out  # MONOCHROME1 stores dense = dark; the contract is bright = dense
+        np.subtract(1.0, out, out=out)  # MONOCHROME1 stores dense = dark; bright = dense
     rad = Radiograph(
         pixels=out,
         spacing=spacing,
@@ -261,8 +296,9 @@ def _read_dicom_radiograph(
     return rad, h.hexdigest()
 
 
+@_muted
 def _read_rad(
-    path: str | os.PathLike[str], *, max_bytes: int, decode: bool
+    path: str | os.PathLike[str], *, max_bytes: int, decode: bool, gate: MemoryGate | None = None
 ) -> tuple[Radiograph | None, str]:
     p = Path(path)
     name = _path_name(p)
@@ -279,8 +315,8 @@ def _read_rad(
             raise _err(
                 "too_large", f"File {name!r} is {size} bytes, over the limit of {max_bytes}."
             )
-        return _read_png(p, name, max_bytes=max_bytes, decode=decode)
-    return _read_dicom_radiograph(p, name, max_bytes=max_bytes, decode=decode)
+        return _read_png(p, name, max_bytes=max_bytes, decode=decode, gate=gate)
+    return _read_dicom_radiograph(p, name, max_bytes=max_bytes, decode=decode, gate=gate)
 
 
 def read_radiograph(

@@ -20,6 +20,9 @@ REASONS: dict[str, str] = {
         "(length < Rows x Columns x Frames x Bits/8), or in encapsulated data (pydicom's "
         "end-of-file warning)"
     ),
+    "malformed_header": (
+        "a header element pydicom cannot interpret (unknown VR, a value it cannot convert)"
+    ),
     "missing_attribute": (
         "Rows, Columns, BitsAllocated, BitsStored, PixelRepresentation, "
         "PhotometricInterpretation missing or impossible; CT slice without "
@@ -35,6 +38,22 @@ REASONS: dict[str, str] = {
         "(12-bit JPEG in pillow)"
     ),
     "corrupt_pixel_data": "the decoder failed, or decoded to another shape",
+    "blank_image": (
+        "the decoded image (radiograph) or volume (CT series) has one value in every pixel: a "
+        "decoder that silently returned a blank image, or an empty export"
+    ),
+    "missing_rescale": (
+        "CT slices of the chosen series without RescaleSlope/RescaleIntercept, under the "
+        "default missing_rescale policy 'refuse'"
+    ),
+    "invalid_rescale": "CT RescaleSlope zero or not a number, or RescaleIntercept not a number",
+    "invalid_spacing": (
+        "CT PixelSpacing, SliceThickness or SpacingBetweenSlices zero, negative or not finite"
+    ),
+    "over_memory_budget": (
+        "decoding and preprocessing the study would need more memory than one study may use "
+        "(the extraction's --max-memory); checked from the headers before any allocation"
+    ),
     "no_pixel_data": (
         "DICOM without an image (report, plan, presentation state) given as a radiograph, or "
         "empty PixelData"

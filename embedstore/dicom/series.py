@@ -25,21 +25,43 @@ from embedstore.dicom.reasons import _err
 from embedstore.dicom.validation import (
     _PIXEL_DATA,
     DEFAULT_MAX_BYTES,
+    MemoryGate,
     _check_pixels,
     _decode,
     _first,
     _float_or,
     _floats,
+    _floats_raw,
     _is_image_object,
     _iter_frames,
     _list_files,
+    _muted,
+    _number,
     _PixelInfo,
     _raw_pixel_bytes,
     _read,
+    _reserve,
 )
 from embedstore.errors import DicomError
 
-__all__ = ["CTVolume", "read_ct_series"]
+__all__ = ["CTVolume", "StoredCT", "MISSING_RESCALE_POLICIES", "read_ct_series"]
+
+#: What to do with CT slices that lack RescaleSlope/RescaleIntercept (docs/DICOM.md):
+#: refuse (``missing_rescale``), or assume slope 1 with intercept -1024 or 0 (recorded in the
+#: content hash and the study's warnings).
+MISSING_RESCALE_POLICIES: dict[str, float | None] = {
+    "refuse": None,
+    "assume-1024": -1024.0,
+    "assume-0": 0.0,
+}
+
+
+def _check_policy(policy: str) -> str:
+    if policy not in MISSING_RESCALE_POLICIES:
+        raise ValueError(
+            f"Unknown missing_rescale policy {policy!r}; valid: {sorted(MISSING_RESCALE_POLICIES)}."
+        )
+    return policy
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,10 +75,54 @@ class CTVolume:
     n_files: int
     warnings: tuple[str, ...] = ()
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    def hu_slab(self, start: int, stop: int) -> np.ndarray:
+        """HU of slices ``start:stop`` as float32 (S', H, W) (a view)."""
+        return self.hu[start:stop]
+
     def geometry(self) -> dict[str, Any]:
         """JSON-ready geometry (no identifiers): shape, spacing, origin, orientation, files."""
         return {
             "shape": list(self.hu.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "orientation": list(self.orientation),
+            "n_files": self.n_files,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class StoredCT:
+    """A CT series as its decoded stored values plus each slice's rescale: one array of the
+    stored dtype (int16 for usual CT, half the bytes of float32 HU), filled slice by slice.
+    HU = stored * slope + intercept in float32, per slice, exactly as ``CTVolume.hu``."""
+
+    stored: np.ndarray  # (S, H, W) stored dtype (int16/uint16/int8/uint8)
+    slopes: np.ndarray  # (S,) float32
+    intercepts: np.ndarray  # (S,) float32
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    orientation: tuple[float, ...]
+    n_files: int
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.stored.shape)  # type: ignore[return-value]
+
+    def hu_slab(self, start: int, stop: int) -> np.ndarray:
+        """HU of slices ``start:stop`` as a new float32 array (S', H, W)."""
+        out = self.stored[start:stop].astype(np.float32)
+        out *= self.slopes[start:stop, None, None]
+        out += self.intercepts[start:stop, None, None]
+        return out
+
+    def geometry(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.stored.shape),
             "spacing": list(self.spacing),
             "origin": list(self.origin),
             "orientation": list(self.orientation),
@@ -73,12 +139,14 @@ class _Slice:
     orientation: tuple[float, ...]
     rows: int
     cols: int
-    pixel_spacing: tuple[float, float]
-    slope: float
-    intercept: float
+    pixel_spacing: tuple[float, float]  # as stored: checked once the series is chosen
+    slope: float | None  # None: absent (policy decides); NaN: not a number
+    intercept: float | None
     localizer: bool
     tie: tuple[Any, ...]  # header-only tie-break for duplicates (independent of file names)
     d: float = 0.0  # position along the slice normal
+    thickness: tuple[str, float] | None = None  # (attribute, value) of an invalid slice spacing
+    rescale_assumed: str | None = None  # the missing_rescale policy that supplied the rescale
 
 
 @dataclass
@@ -127,8 +195,8 @@ def _slices_of(ds: Dataset, name: str, info: _PixelInfo) -> list[_Slice]:
                 f"({info.frames} frames); re-export it.",
             )
         out = []
-        top_slope = _float_or(ds.get("RescaleSlope"), 1.0)
-        top_intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
+        top_slope = _number(ds.get("RescaleSlope"))
+        top_intercept = _number(ds.get("RescaleIntercept"))
         for i, pf in enumerate(per_frames):
             pos_item = _fg_item(pf, shared, "PlanePositionSequence")
             ori_item = _fg_item(pf, shared, "PlaneOrientationSequence")
@@ -137,7 +205,7 @@ def _slices_of(ds: Dataset, name: str, info: _PixelInfo) -> list[_Slice]:
             ftype = _fg_item(pf, shared, "CTImageFrameTypeSequence")
             pos = _floats(pos_item.get("ImagePositionPatient") if pos_item else None, 3)
             ori = _floats(ori_item.get("ImageOrientationPatient") if ori_item else None, 6)
-            ps = _floats(pm_item.get("PixelSpacing") if pm_item else None, 2)
+            ps = _floats_raw(pm_item.get("PixelSpacing") if pm_item else None, 2)
             if pos is None or ori is None or ps is None:
                 missing = [
                     k
@@ -154,10 +222,8 @@ def _slices_of(ds: Dataset, name: str, info: _PixelInfo) -> list[_Slice]:
                     "groups; the frame cannot be placed in the volume.",
                 )
             # per-frame rescale: pydicom's apply_modality_lut would ignore it
-            slope = _float_or(pvt.get("RescaleSlope"), top_slope) if pvt else top_slope
-            intercept = (
-                _float_or(pvt.get("RescaleIntercept"), top_intercept) if pvt else top_intercept
-            )
+            slope = _number(pvt.get("RescaleSlope")) if pvt is not None else None
+            intercept = _number(pvt.get("RescaleIntercept")) if pvt is not None else None
             frame_local = localizer or _is_localizer(ftype.get("FrameType") if ftype else None)
             out.append(
                 _Slice(
@@ -169,10 +235,11 @@ def _slices_of(ds: Dataset, name: str, info: _PixelInfo) -> list[_Slice]:
                     info.rows,
                     info.cols,
                     ps,
-                    slope,
-                    intercept,
+                    top_slope if slope is None else slope,
+                    top_intercept if intercept is None else intercept,
                     frame_local,
                     (*tie, i),
+                    thickness=_bad_thickness(pm_item, ds),
                 )
             )
         return out
@@ -184,7 +251,7 @@ def _slices_of(ds: Dataset, name: str, info: _PixelInfo) -> list[_Slice]:
         )
     pos = _floats(ds.get("ImagePositionPatient"), 3)
     ori = _floats(ds.get("ImageOrientationPatient"), 6)
-    ps = _floats(ds.get("PixelSpacing"), 2)
+    ps = _floats_raw(ds.get("PixelSpacing"), 2)
     if pos is None or ori is None or ps is None:
         if localizer:  # scouts often lack full geometry; they are skipped anyway
             pos, ori, ps = pos or (0.0, 0.0, 0.0), ori or (1, 0, 0, 0, 1, 0), ps or (1.0, 1.0)
@@ -203,8 +270,6 @@ def _slices_of(ds: Dataset, name: str, info: _PixelInfo) -> list[_Slice]:
                 f"File {name!r} lacks {', '.join(missing)}; the slice cannot be placed in the "
                 "volume. Re-export the series with its geometry.",
             )
-    slope = _float_or(ds.get("RescaleSlope"), 1.0)
-    intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
     return [
         _Slice(
             name,
@@ -215,12 +280,70 @@ def _slices_of(ds: Dataset, name: str, info: _PixelInfo) -> list[_Slice]:
             info.rows,
             info.cols,
             ps,
-            slope,
-            intercept,
+            _number(ds.get("RescaleSlope")),
+            _number(ds.get("RescaleIntercept")),
             localizer,
             (*tie, 0),
+            thickness=_bad_thickness(ds),
         )
     ]
+
+
+def _bad_thickness(*items: Dataset | None) -> tuple[str, float] | None:
+    """The first SliceThickness / SpacingBetweenSlices present that is not a positive number."""
+    for keyword in ("SliceThickness", "SpacingBetweenSlices"):
+        for item in items:
+            value = _number(item.get(keyword)) if item is not None else None
+            if value is not None:
+                if not (math.isfinite(value) and value > 0):
+                    return keyword, value
+                break
+    return None
+
+
+def _check_chosen(chosen: list[_Slice], policy: str, warn: list[str]) -> None:
+    """Spacing and rescale of the slices that form the volume (others are skipped anyway)."""
+    for s in chosen:
+        if not all(math.isfinite(v) and v > 0 for v in s.pixel_spacing):
+            raise _err(
+                "invalid_spacing",
+                f"File {s.name!r} has PixelSpacing {list(s.pixel_spacing)}: pixel spacing must be "
+                "positive and finite. Re-export the series with its real geometry.",
+            )
+        if s.thickness is not None:
+            keyword, value = s.thickness
+            raise _err(
+                "invalid_spacing",
+                f"File {s.name!r} has {keyword} {value}: it must be positive and finite. "
+                "Re-export the series with its real geometry.",
+            )
+    missing = [s for s in chosen if s.slope is None or s.intercept is None]
+    if missing:
+        assumed = MISSING_RESCALE_POLICIES[policy]
+        if assumed is None:
+            raise _err(
+                "missing_rescale",
+                f"{_plural(len(missing), 'slice')} of {len(chosen)} (e.g. {missing[0].name!r}) "
+                "lack RescaleSlope/RescaleIntercept, so their values are not known to be HU. "
+                "Re-export the series with its rescale, or, if the scanner's convention is known, "
+                "set missing_rescale to 'assume-1024' or 'assume-0' (extract --missing-rescale).",
+            )
+        for s in missing:
+            s.slope = 1.0 if s.slope is None else s.slope
+            s.intercept = assumed if s.intercept is None else s.intercept
+            s.rescale_assumed = policy
+        warn.append(
+            f"{_plural(len(missing), 'slice')} without RescaleSlope/RescaleIntercept: assumed "
+            f"slope 1, intercept {assumed:g} (missing_rescale={policy})"
+        )
+    for s in chosen:
+        slope, intercept = float(s.slope or 0.0), float(s.intercept or 0.0)
+        if not (math.isfinite(slope) and slope != 0 and math.isfinite(intercept)):
+            raise _err(
+                "invalid_rescale",
+                f"File {s.name!r} has RescaleSlope {s.slope} and RescaleIntercept {s.intercept}: "
+                "a zero or non-numeric slope maps every voxel to one value. Re-export the series.",
+            )
 
 
 def _geometry_key(s: _Slice) -> tuple[Any, ...]:
@@ -256,7 +379,9 @@ def _scan_ct(
     max_gap_factor: float,
     spacing_tolerance: float,
     max_tilt_deg: float,
+    missing_rescale: str = "refuse",
 ) -> _Scan:
+    _check_policy(missing_rescale)
     root = Path(folder)
     if not root.exists():
         raise _err(
@@ -357,6 +482,7 @@ def _scan_ct(
             f"({len(candidates[0])} slices), ignored {_plural(ignored, 'slice')}"
         )
     chosen = candidates[0]
+    _check_chosen(chosen, missing_rescale, warn)
     if n_local:
         warn.append(f"skipped {_plural(n_local, 'localizer')}")
     if n_other_size:
@@ -450,12 +576,26 @@ def _slice_record(s: _Slice, info: _PixelInfo, ds: Dataset) -> dict[str, Any]:
         "pixel_spacing": [_r(v, 6) for v in s.pixel_spacing],
         "rows": s.rows,
         "cols": s.cols,
-        "slope": _r(s.slope, 8),
-        "intercept": _r(s.intercept, 6),
+        "slope": _r(s.slope or 0.0, 8),
+        "intercept": _r(s.intercept or 0.0, 6),
         **_pixel_format(ds, info),
+        # only when a policy supplied the rescale, so other slices keep their hash
+        **({"rescale_assumed": s.rescale_assumed} if s.rescale_assumed else {}),
     }
 
 
+def _stored_dtype(files: dict[str, tuple[Dataset, _PixelInfo]]) -> Any:
+    """The one integer dtype every used file decodes to, or None (then decode to float32 HU)."""
+    kinds = {(info.bits, int(ds.PixelRepresentation)) for ds, info in files.values()}
+    if len(kinds) != 1:
+        return None
+    bits, signed = kinds.pop()
+    return {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16}.get(
+        (bits, signed)
+    )
+
+
+@_muted
 def _read_ct(
     folder: str | os.PathLike[str],
     *,
@@ -465,13 +605,20 @@ def _read_ct(
     max_tilt_deg: float,
     decode: bool,
     hash_pixels: bool = True,
-) -> tuple[CTVolume | None, str]:
+    missing_rescale: str = "refuse",
+    compact: bool = False,
+    gate: MemoryGate | None = None,
+) -> tuple[CTVolume | StoredCT | None, str]:
+    """Scan, hash and (``decode``) read the series. ``compact``: a StoredCT (stored dtype, one
+    array filled slice by slice) instead of a float32 HU CTVolume; ``gate`` is asked for the
+    memory before the volume is allocated."""
     scan = _scan_ct(
         folder,
         max_bytes=max_bytes,
         max_gap_factor=max_gap_factor,
         spacing_tolerance=spacing_tolerance,
         max_tilt_deg=max_tilt_deg,
+        missing_rescale=missing_rescale,
     )
     s_count, rows, cols = len(scan.slices), scan.slices[0].rows, scan.slices[0].cols
     out_bytes = s_count * rows * cols * 4
@@ -483,7 +630,18 @@ def _read_ct(
         )
     h = _hash_init("CTPA")
     digests: dict[str, str] = {}
-    hu = np.empty((s_count, rows, cols), dtype=np.float32) if decode else None  # (S, H, W)
+    stored_dtype = _stored_dtype(scan.files) if compact else None
+    out_dtype = np.dtype(stored_dtype if stored_dtype is not None else np.float32)
+    buf: np.ndarray | None = None  # (S, H, W): stored values (compact) or float32 HU
+    if decode:
+        # one volume + the largest file twice (its raw bytes and its decoded frames) + a slice
+        biggest = max(info.expected for _, info in scan.files.values())
+        need = s_count * rows * cols * out_dtype.itemsize + 2 * biggest + rows * cols * 8
+        _reserve(gate, need, (s_count, rows, cols), "The CT series", scan.spacing)
+        buf = np.empty((s_count, rows, cols), dtype=out_dtype)
+    slopes = np.array([s.slope for s in scan.slices], dtype=np.float32)  # (S,)
+    intercepts = np.array([s.intercept for s in scan.slices], dtype=np.float32)  # (S,)
+    lo, hi = math.inf, -math.inf  # HU range seen, for the blank-image check
     # one read per file; slices of an enhanced file are filled from the same decode
     where: dict[str, list[tuple[int, _Slice]]] = {}
     for k, s in enumerate(scan.slices):
@@ -493,49 +651,68 @@ def _read_ct(
         raw = _raw_pixel_bytes(ds, name, info)
         digests[name] = hashlib.sha256(raw).hexdigest() if hash_pixels else ""
         del raw
-        if hu is None:
+        if buf is None:
             ds.PixelData = None  # drop the bytes: hashing holds one file at a time
             continue
         if placed[0][1].frame is None:
             frames: Iterator[tuple[int, np.ndarray]] = iter(
-                [(placed[0][0], _decode(ds, name, None))]
+                [(placed[0][0], _decode(ds, name, None, info))]
             )
         else:
             frame_to_k = {s.frame: k for k, s in placed}
             wanted = sorted(frame_to_k)
             frames = (
                 (frame_to_k[f], arr)
-                for f, arr in zip(wanted, _iter_frames(ds, name, wanted), strict=True)
+                for f, arr in zip(wanted, _iter_frames(ds, name, wanted, info), strict=True)
             )
         for k, arr in frames:
-            s = scan.slices[k]
             if arr.shape != (rows, cols):
                 raise _err(
                     "corrupt_pixel_data",
                     f"File {name!r} decoded to shape {arr.shape}, not the declared "
                     f"({rows}, {cols}); re-export it.",
                 )
-            # rescale per slice (and per frame): slopes and intercepts may differ
-            hu[k] = arr.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
+            if stored_dtype is not None:
+                if arr.dtype != buf.dtype and not np.can_cast(arr.dtype, buf.dtype):
+                    raise _err(
+                        "corrupt_pixel_data",
+                        f"File {name!r} decoded to {arr.dtype} values, not the {buf.dtype} its "
+                        "header declares; re-export it.",
+                    )
+                buf[k] = arr
+                ends = np.float32(arr.min()) * slopes[k], np.float32(arr.max()) * slopes[k]
+                ends = ends[0] + intercepts[k], ends[1] + intercepts[k]
+            else:
+                # rescale per slice (and per frame): slopes and intercepts may differ
+                np.multiply(arr, slopes[k], out=buf[k], dtype=np.float32, casting="unsafe")
+                buf[k] += intercepts[k]
+                ends = buf[k].min(), buf[k].max()
+            lo, hi = min(lo, float(min(ends))), max(hi, float(max(ends)))
+            del arr
         ds.PixelData = None  # drop the bytes: memory stays one volume plus one file
+    if buf is not None and lo == hi:
+        raise _err(
+            "blank_image",
+            f"The CT series decoded to a constant volume ({lo:g} HU in every voxel): a blank "
+            "image from a failed decoder or an empty export; re-export the series.",
+        )
     for s in scan.slices:
         ds, info = scan.files[s.name]
         h.update(json.dumps(_slice_record(s, info, ds), sort_keys=True).encode())
         h.update(digests[s.name].encode())
     first = scan.slices[0]
-    vol = (
-        CTVolume(
-            hu=hu,
-            spacing=scan.spacing,
-            origin=tuple(float(v) for v in first.position),
-            orientation=scan.orientation,
-            n_files=len(where),
-            warnings=tuple(scan.warnings),
-        )
-        if hu is not None
-        else None
+    if buf is None:
+        return None, h.hexdigest()
+    common = dict(
+        spacing=scan.spacing,
+        origin=tuple(float(v) for v in first.position),
+        orientation=scan.orientation,
+        n_files=len(where),
+        warnings=tuple(scan.warnings),
     )
-    return vol, h.hexdigest()
+    if stored_dtype is not None:
+        return StoredCT(stored=buf, slopes=slopes, intercepts=intercepts, **common), h.hexdigest()
+    return CTVolume(hu=buf, **common), h.hexdigest()
 
 
 def read_ct_series(
@@ -545,6 +722,7 @@ def read_ct_series(
     max_gap_factor: float = 1.5,
     spacing_tolerance: float = 0.1,
     max_tilt_deg: float = 5.0,
+    missing_rescale: str = "refuse",
 ) -> CTVolume:
     """Read the CT series in ``folder`` (or one enhanced multi-frame file) into HU.
 
@@ -553,7 +731,8 @@ def read_ct_series(
     the slice normal, duplicates dropped, gaps over ``max_gap_factor`` x the median spacing
     rejected (``missing_slices``), spacing deviating by more than ``spacing_tolerance`` rejected
     (``nonuniform_spacing``), a gantry tilt over ``max_tilt_deg`` rejected (``gantry_tilt``,
-    smaller tilts are warned). Raises DicomError with a reason code from docs/DICOM.md.
+    smaller tilts are warned). Slices without RescaleSlope/Intercept follow ``missing_rescale``
+    (``MISSING_RESCALE_POLICIES``). Raises DicomError with a reason code from docs/DICOM.md.
     """
     vol, _ = _read_ct(
         folder,
@@ -563,7 +742,8 @@ def read_ct_series(
         max_tilt_deg=max_tilt_deg,
         decode=True,
         hash_pixels=False,  # the key is not returned: skip hashing the pixel bytes
+        missing_rescale=missing_rescale,
     )
-    if vol is None:  # decode=True always builds it
+    if not isinstance(vol, CTVolume):  # decode=True without compact always builds one
         raise RuntimeError("internal error: vol was not set")
     return vol

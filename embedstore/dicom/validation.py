@@ -10,6 +10,8 @@ from worker processes rather than from several threads at once.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import logging
 import math
 import os
@@ -25,6 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder, iter_pixels, pixel_array
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -44,13 +47,13 @@ _PIXEL_DATA = 0x7FE00010
 _TRUNCATION_WARNING = re.compile(r"end of file|\beof\b|truncat|fewer bytes", re.IGNORECASE)
 
 # pip packages that decode each compressed transfer syntax (pydicom picks them up automatically).
-_JPEG = "pylibjpeg pylibjpeg-libjpeg (or pillow for 8-bit baseline)"
+_JPEG = "pylibjpeg pylibjpeg-libjpeg (GPL-3; for 8-bit also python-gdcm or pillow)"
 _J2K = "pylibjpeg pylibjpeg-openjpeg (or pillow)"
 _DECODER_PACKAGES: dict[str, str] = {
     "1.2.840.10008.1.2.4.50": _JPEG,
     "1.2.840.10008.1.2.4.51": _JPEG,
-    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "python-gdcm (or pylibjpeg pylibjpeg-libjpeg, GPL-3)",
+    "1.2.840.10008.1.2.4.70": "python-gdcm (or pylibjpeg pylibjpeg-libjpeg, GPL-3)",
     "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg pylibjpeg-libjpeg)",
     "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg pylibjpeg-libjpeg)",
     "1.2.840.10008.1.2.4.90": _J2K,
@@ -60,6 +63,63 @@ _DECODER_PACKAGES: dict[str, str] = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
 }
+
+# Which pydicom decoding plugin decodes each compressed syntax, in order of preference: the first
+# one installed is used, and only that one (no silent fallback), so the decoder that made the
+# pixels is known without decoding and enters the content hash (``_PixelInfo.decoder``).
+# pyjpegls before pylibjpeg for JPEG-LS (measured 3.8x faster); pylibjpeg-rle before pydicom's
+# own RLE (5.7x faster); pylibjpeg (libjpeg) first for JPEG when the user installed it (GPL-3,
+# not a dependency: docs/DECISIONS.md), else GDCM.
+_PLUGIN_ORDER: dict[str, tuple[str, ...]] = {
+    "1.2.840.10008.1.2.4.50": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.51": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.57": ("pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.70": ("pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.80": ("pyjpegls", "pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.81": ("pyjpegls", "pylibjpeg", "gdcm"),
+    "1.2.840.10008.1.2.4.90": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.91": ("pylibjpeg", "gdcm", "pillow"),
+    "1.2.840.10008.1.2.4.201": ("pylibjpeg",),
+    "1.2.840.10008.1.2.4.202": ("pylibjpeg",),
+    "1.2.840.10008.1.2.4.203": ("pylibjpeg",),
+    "1.2.840.10008.1.2.5": ("pylibjpeg", "pydicom"),
+}
+_J2K_UIDS = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+
+
+def _plugin_distributions(plugin: str, ts: UID) -> tuple[str, ...]:
+    """The pip distributions whose code decodes ``ts`` through pydicom plugin ``plugin``."""
+    if plugin == "pylibjpeg":
+        if str(ts) == "1.2.840.10008.1.2.5":
+            return ("pylibjpeg", "pylibjpeg-rle")
+        if str(ts) in _J2K_UIDS:
+            return ("pylibjpeg", "pylibjpeg-openjpeg")
+        return ("pylibjpeg", "pylibjpeg-libjpeg")
+    return {"gdcm": ("python-gdcm",), "pillow": ("pillow",), "pyjpegls": ("pyjpegls",),
+            "pydicom": ("pydicom",)}.get(plugin, (plugin,))
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=64)
+def _choose_decoder(ts: UID) -> tuple[str, str] | None:
+    """(pydicom plugin name, "dist version + ...") that will decode ``ts``; None if none is."""
+    try:
+        available = get_decoder(ts).available_plugins
+    except NotImplementedError:
+        return None
+    order = _PLUGIN_ORDER.get(str(ts), ()) + tuple(sorted(available))
+    for plugin in order:
+        if plugin in available:
+            dists = _plugin_distributions(plugin, ts)
+            return plugin, " + ".join(f"{d} {_version(d)}" for d in dists)
+    return None
 
 
 @contextlib.contextmanager
@@ -74,6 +134,18 @@ def _quiet() -> Iterator[list[warnings.WarningMessage]]:
             yield caught
     finally:
         logger.disabled = was_disabled
+
+
+def _muted(fn: Any) -> Any:
+    """Run a reader with pydicom's warnings and log muted (they can echo tag values, e.g. an
+    invalid UID when a dataset is modified), however deep the access that raises them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _quiet():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _truncation_warned(caught: list[warnings.WarningMessage]) -> bool:
@@ -133,9 +205,20 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
     has_magic = head[128:132] == b"DICM"
     with _quiet() as caught:
         try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER)
+            # our own handle: pydicom leaves its file open when parsing fails (an fd per bad
+            # file in a long-lived worker); deferred elements are re-read by file name
+            with open(path, "rb") as fp:
+                ds = pydicom.dcmread(fp, defer_size=_DEFER)
         except InvalidDicomError:
             ds = None
+        except MemoryError:
+            # the file is at most max_bytes + 16 MiB and large values stay deferred, so this
+            # is an element whose declared length exceeds the file (seen in fuzzing)
+            raise _err(
+                "malformed_header",
+                f"File {name!r} declares an element longer than the file itself; the file is "
+                "damaged, re-copy or re-export it.",
+            ) from None
         except Exception as e:  # pydicom raises many types on malformed input
             # pydicom's message can contain element values: keep only the type
             reason = "truncated" if has_magic else "not_dicom"
@@ -157,8 +240,64 @@ def _read(path: Path, name: str, *, max_bytes: int) -> Dataset:
             "truncated",
             f"File {name!r} holds only its file meta header (truncated copy); re-copy it.",
         )
-    ds.file_meta.TransferSyntaxUID = _transfer_syntax(ds)
+    with _quiet():
+        _convert_all(ds, name)  # muted: a value must never reach a warning or a message
+    ts = _transfer_syntax(ds)
+    if not ts.is_transfer_syntax:
+        raise _err(
+            "unsupported_transfer_syntax",
+            f"File {name!r} declares a transfer syntax UID that is not a known transfer syntax; "
+            "re-export it with a standard one.",
+        )
+    ds.file_meta.TransferSyntaxUID = ts
     return ds
+
+
+#: The elements the readers look at (sequences: with everything inside). Only these are
+#: converted up front: converting every element doubled the parse time of a small slice.
+_USED = frozenset(
+    Tag(k) for k in (
+        "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+        "SamplesPerPixel", "NumberOfFrames", "PhotometricInterpretation", "Modality",
+        "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "ImageType", "AcquisitionNumber",
+        "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+        "ImagerPixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope",
+        "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTFunction",
+        "ModalityLUTSequence", "VOILUTSequence", "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+    )
+)
+
+
+def _convert_all(ds: Dataset, name: str, depth: int = 0) -> None:
+    """Convert the elements the readers use now (inside sequences: all; deferred large values
+    excepted), so that a header pydicom cannot interpret fails here with a reason instead of
+    wherever it is first read."""
+    try:
+        for tag in list(ds.keys()):
+            if depth == 0 and tag not in _USED:
+                continue
+            raw = ds.get_item(tag, keep_deferred=True)
+            if tag == _PIXEL_DATA or (raw is not None and raw.value is None and raw.length):
+                continue  # deferred (> 4 KiB): binary data, read only if ever needed
+            elem = ds[tag]
+            if elem.VR == "SQ" and depth < 8 and elem.value is not None:
+                for item in elem.value:
+                    _convert_all(item, name, depth + 1)
+    except DicomError:
+        raise
+    except (OSError, EOFError):  # a sequence parsed on access runs into the end of the file
+        raise _err(
+            "truncated",
+            f"File {name!r} ends inside a header element (truncated copy); re-copy or "
+            "re-export it.",
+        ) from None
+    except Exception as e:  # unknown VR, a value pydicom cannot convert, ...
+        raise _err(
+            "malformed_header",
+            f"File {name!r} has a header element that cannot be parsed ({type(e).__name__}); "
+            "the file is damaged or non-conformant, re-export it.",
+        ) from None
 
 
 def _forced_read(path: Path, name: str, head: bytes) -> Dataset:
@@ -170,8 +309,9 @@ def _forced_read(path: Path, name: str, head: bytes) -> Dataset:
     if not _looks_like_raw_dataset(head):
         raise junk
     try:
-        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER)
-    except Exception:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, force=True, defer_size=_DEFER)
+    except Exception:  # MemoryError included: a forced parse of junk declared a huge length
         raise junk from None
     if not _plausible_image(ds):
         raise junk
@@ -214,6 +354,8 @@ class _PixelInfo:
     bits: int
     expected: int  # declared pixel bytes
     ts: UID
+    plugin: str = ""  # pydicom decoding plugin for a compressed syntax ("" = native)
+    decoder: str = ""  # its distributions and versions (part of the content hash)
 
 
 def _check_pixels(ds: Dataset, name: str, *, max_bytes: int) -> _PixelInfo:
@@ -254,12 +396,12 @@ def _check_pixels(ds: Dataset, name: str, *, max_bytes: int) -> _PixelInfo:
             "this image is genuine.",
         )
     ts = _transfer_syntax(ds)
+    plugin = decoder = ""
     if ts.is_compressed:
-        try:
-            decoder = get_decoder(ts)
-        except NotImplementedError:
-            decoder = None
-        if decoder is None or not decoder.is_available:
+        chosen = _choose_decoder(ts)
+        if chosen is not None:
+            plugin, decoder = chosen
+        else:
             packages = _DECODER_PACKAGES.get(str(ts))
             fix = (
                 f"pip install {packages}"
@@ -302,7 +444,7 @@ def _check_pixels(ds: Dataset, name: str, *, max_bytes: int) -> _PixelInfo:
             )
     elif length == 0:
         raise _err("no_pixel_data", f"File {name!r} has empty encapsulated pixel data.")
-    return _PixelInfo(rows, cols, frames, bits, expected, ts)
+    return _PixelInfo(rows, cols, frames, bits, expected, ts, plugin, decoder)
 
 
 def _raw_pixel_bytes(ds: Dataset, name: str, info: _PixelInfo) -> bytes:
@@ -344,12 +486,82 @@ def _decode_failure(ds: Dataset, name: str, e: Exception) -> DicomError:
     )
 
 
-def _decode(ds: Dataset, name: str, index: int | None) -> np.ndarray:
+def _decoder_panic(ds: Dataset, name: str, e: BaseException) -> BaseException:
+    """A Rust decoder's panic (pyo3's PanicException) derives from BaseException, not
+    Exception: found by tests/test_dicom_fuzz.py on a damaged RLE stream. Interrupts pass."""
+    if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
+        return e
+    return _decode_failure(ds, name, e)  # type: ignore[arg-type]
+
+
+def _decode(ds: Dataset, name: str, index: int | None, info: _PixelInfo) -> np.ndarray:
     with _quiet():
         try:
-            return pixel_array(ds, index=index)
+            return pixel_array(ds, index=index, decoding_plugin=info.plugin)
+        except MemoryError:
+            raise  # the worker's memory backstop: reported as out_of_memory, never as corrupt
         except Exception as e:
             raise _decode_failure(ds, name, e) from None
+        except BaseException as e:
+            raise _decoder_panic(ds, name, e) from None
+
+
+class MemoryGate:
+    """How a reader asks for memory before it allocates (the decode worker's side of the
+    extraction's memory budget). ``budget``: the most one study may use; ``extra(shape)``: bytes
+    the caller needs on top of the decode for an image of ``shape`` (preprocessing);
+    ``acquire(nbytes)``: blocks until the bytes are granted. The default grants everything."""
+
+    budget: int | None = None
+
+    def extra(self, shape: tuple[int, ...], spacing: tuple[float, ...] | None = None) -> int:
+        return 0
+
+    def acquire(self, nbytes: int) -> None:
+        return None
+
+
+def _reserve(
+    gate: MemoryGate | None,
+    decode_bytes: int,
+    shape: tuple[int, ...],
+    what: str,
+    spacing: tuple[float, ...] | None = None,
+) -> int:
+    """Check ``decode_bytes`` (+ the caller's extra) against the budget, then wait for it."""
+    if gate is None:
+        return decode_bytes
+    total = int(decode_bytes) + int(gate.extra(shape, spacing))
+    if gate.budget is not None and total > gate.budget:
+        raise _err(
+            "over_memory_budget",
+            f"{what} needs about {total} bytes to decode and preprocess, over the memory budget "
+            f"of {gate.budget} bytes per study; raise --max-memory (ExtractConfig.max_memory) if "
+            "it is genuine.",
+        )
+    gate.acquire(total)
+    return total
+
+
+def _floats_raw(value: Any, n: int) -> tuple[float, ...] | None:
+    """``n`` numbers, non-finite ones included; None when absent, of another count or not numeric."""
+    if value is None or value == "":
+        return None
+    try:
+        out = tuple(float(v) for v in (value if isinstance(value, list | tuple) else list(value)))
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _number(value: Any) -> float | None:
+    """A single number (non-finite kept: the caller refuses it); None when absent; NaN if junk."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -399,11 +611,15 @@ def _first(seq: Any) -> Dataset | None:
         return None
 
 
-def _iter_frames(ds: Dataset, name: str, indices: list[int]) -> Iterator[np.ndarray]:
+def _iter_frames(
+    ds: Dataset, name: str, indices: list[int], info: _PixelInfo
+) -> Iterator[np.ndarray]:
     with _quiet():
         try:
-            yield from iter_pixels(ds, indices=indices)
-        except DicomError:
+            yield from iter_pixels(ds, indices=indices, decoding_plugin=info.plugin)
+        except (DicomError, MemoryError):
             raise
         except Exception as e:
             raise _decode_failure(ds, name, e) from None
+        except BaseException as e:
+            raise _decoder_panic(ds, name, e) from None
