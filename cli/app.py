@@ -397,18 +397,55 @@ def eval_(
         render.eval_result(res)
 
 
+class _StageBars:
+    """``index build``'s progress callback: one bar per build stage (sample, train, add, recall)."""
+
+    def __init__(self, reporter: Reporter):
+        self._reporter, self._stage, self._cm, self._bar = reporter, None, None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self._stage:
+            self.close()
+            self._stage, self._cm = stage, self._reporter.bar(f"index {stage}", total)
+            self._bar = self._cm.__enter__()
+        self._bar.update(done, total=total)
+
+    def close(self) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = self._bar = None
+
+
 @index_app.command("build")
 @_user_errors
 def index_build(
     store: StoreArg,
     encoder: Annotated[str, typer.Option(help="Encoder key of the embedding set.")],
-    modality: Annotated[Modality | None, typer.Option(case_sensitive=False, help="Modality of the set (default: the set's own).")] = None,
-    kind: Annotated[str, typer.Option(help="auto, flat, ivf or hnsw.")] = "auto",
+    modality: Annotated[str | None, typer.Option(help="cxr or ctpa (default: the set's own).")] = None,
+    kind: Annotated[str | None, typer.Option(
+        help="auto, flat, ivf, ivfpq, opq or hnsw (default: what the index was built with, else "
+             "auto: flat up to 10^5 vectors, IVF-Flat while they fit in 8 GiB, IVF-PQ above).")] = None,
+    nlist: Annotated[int | None, typer.Option(min=1, help="IVF lists (default: ~sqrt(N), a power of 2).")] = None,
+    m: Annotated[int | None, typer.Option("--m", min=1, help="PQ sub-quantizers = bytes per vector at 8 bits (default D/8).")] = None,
+    nbits: Annotated[int | None, typer.Option(min=1, max=16, help="Bits per PQ code (default 8).")] = None,
+    nprobe: Annotated[int | None, typer.Option(min=1, help="Lists searched to start the recall check from.")] = None,
+    sample: Annotated[int | None, typer.Option(min=1, help="Training sample size (default 40 x nlist).")] = None,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Build (or verify and reuse) a FAISS index over an embedding set."""
+    """Build (or fully verify and reuse) the FAISS index of an embedding set, with a recall check."""
     from embedstore.retrieval import build_store_index
 
-    render.index_built(build_store_index(store, encoder_key=encoder, modality=modality, kind=kind))
+    bars = _StageBars(_reporter(json_out))
+    try:
+        r = build_store_index(store, encoder_key=encoder, modality=modality, kind=kind, nlist=nlist,
+                              pq_m=m, pq_nbits=nbits, nprobe=nprobe, train_size=sample,
+                              progress=bars)
+    finally:
+        bars.close()
+    if json_out:
+        render.print_json(r)
+    else:
+        render.index_built(r)
 
 
 @app.command()

@@ -171,6 +171,16 @@ def import_result(r: Any, *, patients: bool = True) -> None:
 def index_built(r: Mapping[str, Any]) -> None:
     typer.echo(f"{'Built' if r['rebuilt'] else 'Verified'} {r['kind']} index of {r['ntotal']} vectors: "
                f"{r['path']}")
+    p, rc = r.get("params") or {}, r.get("recall_check")
+    knobs = [f"{k} {p[k]}" for k in ("nlist", "nprobe", "pq_m", "pq_nbits", "ef_search", "train_size")
+             if k in p]
+    if rc:
+        knobs.append(f"recall@10 {rc['recall@10']:.3f} on {rc['n_queries']} sampled rows "
+                     f"(target {rc['target']:g}{'' if rc['met'] else ', NOT met'})")
+    if "build_s" in p and r.get("rebuilt"):
+        knobs.append(f"built in {p['build_s']:.1f} s")
+    if knobs:
+        typer.echo("  " + ", ".join(knobs))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,16 +1,30 @@
-"""FAISS indexes over embedding sets, saved with checksums, and retrieval diagnostics.
+"""FAISS indexes over embedding sets: built by streaming, saved with a sidecar, opened by mmap.
 
-An index is a cache: it is rebuilt from the store's vectors whenever its file, its sidecar or
-the checksum of the vectors it was built from disagree (``get_or_build_index``). Similarity is
-cosine by default (inner product on L2-normalised vectors). Exact ``IndexFlatIP`` serves
-cohorts up to ``exact_max`` vectors; above that an IVF (or HNSW) index is built and its
-recall@10 against exact search on a seeded sample is measured and recorded, widening the search
-(``nprobe`` / ``efSearch``) until ``target_recall`` is met.
+An index is a cache of a set of vectors. ``build_index`` reads its source in chunks
+(``VectorSource``: a NumPy array or, in ``embedstore.retrieval``, a store set), so it never
+holds more than one chunk of source vectors beside the index itself:
 
-On disk: ``<path>`` holds ``faiss.serialize_index`` bytes, ``<path>.json`` the sidecar (schema
-version, sha256 of the index file, checksum of the source vectors and ids, build parameters,
-recall check, caller's meta). The sidecar is written last, so a crash leaves a mismatch, which
-reads as "rebuild", never as a silently wrong index.
+1. one pass draws a seeded training sample (``train_size``, default 40 points per IVF list) and
+   the recall queries (``recall_sample`` database rows);
+2. the coarse quantizer (and PQ / OPQ) is trained on the sample alone;
+3. a second pass normalises each chunk in place, adds it, and keeps the exact top-k of the recall
+   queries over the chunks seen so far (brute force, the reference);
+4. recall@10 of the index against that reference is measured and ``nprobe`` (IVF) or
+   ``efSearch`` (HNSW) is doubled until ``target_recall`` is met, the search is exhaustive, or
+   recall stops improving (compressed kinds plateau below 1).
+
+Kinds: ``flat`` (exact), ``ivf`` (IVF-Flat), ``ivfpq`` (IVF + product quantisation, ``pq_m``
+bytes per vector at 8 bits), ``opq`` (a learned rotation before IVF-PQ), ``hnsw``. ``auto`` is
+flat up to ``exact_max`` vectors, IVF-Flat while the vectors fit in ``flat_max_bytes``, IVF-PQ
+above. Similarity is cosine by default (inner product on L2-normalised vectors).
+
+On disk: ``<path>`` holds ``faiss.write_index`` bytes, ``<path>.json`` the sidecar (schema
+version, file size, sha256 of the whole file and of its two ends, the source checksum, how the
+index was built, the build options asked for, the caller's meta). The sidecar is written last,
+so a crash leaves a mismatch, which reads as "rebuild", never as a silently wrong index.
+``load_index`` memory-maps the file (``faiss.IO_FLAG_MMAP_IFC``: flat codes and inverted lists
+are used in place, so opening costs milliseconds whatever the size) after a ``quick`` check
+(size and the sha256 of the file's ends); ``verify="full"`` hashes the whole file.
 """
 
 from __future__ import annotations
@@ -20,8 +34,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -33,10 +49,17 @@ __all__ = [
     "INDEX_SCHEMA_VERSION",
     "KINDS",
     "METRICS",
+    "VERIFY_MODES",
+    "FLAT_MAX_BYTES",
+    "ProgressFn",
+    "VectorSource",
+    "ArraySource",
     "EmbeddingIndex",
+    "default_nlist",
     "build_index",
     "save_index",
     "load_index",
+    "read_sidecar",
     "get_or_build_index",
     "vectors_checksum",
     "sidecar_path",
@@ -44,12 +67,79 @@ __all__ = [
     "shuffled_control",
 ]
 
-INDEX_SCHEMA_VERSION = 1
-KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw")
+INDEX_SCHEMA_VERSION = 2
+KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "ivfpq", "opq", "hnsw")
 METRICS: tuple[str, ...] = ("ip", "l2")
+VERIFY_MODES: tuple[str, ...] = ("quick", "full")
+#: ``auto`` stops storing full vectors (IVF-Flat) above this many bytes of float32 vectors and
+#: builds IVF-PQ instead: 8 GiB is 4.2 M x 512 vectors, a third of this 24 GB machine.
+FLAT_MAX_BYTES = 8 * 2**30
 _FAISS_METRIC = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+_IVF_KINDS = ("ivf", "ivfpq", "opq")
+_COMPRESSED_KINDS = ("ivfpq", "opq")
 _RECALL_K = 10
+_TRAIN_PER_LIST = 40  # k-means points per IVF list (FAISS warns below 39)
+_TRAIN_CAP = 256  # ... and FAISS itself subsamples above 256 per list
+_PQ_TRAIN_PER_CODE = 64  # PQ / OPQ training points per codeword (2**nbits codewords)
+_PLATEAU = 0.002  # widening stops when recall gains less than this (compressed kinds)
+_CHUNK_BYTES = 128 * 2**20  # source rows read (and added) per chunk
+_ENDS_BYTES = 1 << 20  # the quick check hashes this many bytes at each end of the file
 _SEARCH_CHUNK_ELEMS = 5_000_000  # queries x database entries per full-ranking chunk (~60 MB)
+# Options that change how a build runs but not the index it produces.
+_RUNTIME_OPTIONS = ("use_gpu", "threads", "chunk_rows", "progress")
+
+#: ``progress(stage, done, total)``: stages "sample", "train", "add", "recall" in that order
+#: (``done`` rows or steps of ``total``); the library never prints.
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@runtime_checkable
+class VectorSource(Protocol):
+    """Rows of float32 vectors read in order: ``shape`` (N, D) and ``read(start, stop)``, which
+    returns rows [start, stop) as a new (stop - start, D) float32 array the caller may modify."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A ``VectorSource`` over an in-memory (N, D) array (never modified: chunks are copies)."""
+
+    def __init__(self, vectors):
+        try:
+            a = np.asarray(vectors)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"vectors must be a numeric (N, D) array: {e}", reason="bad_shape") from e
+        if a.ndim != 2 or a.shape[1] == 0:
+            raise ConfigError(
+                f"vectors must be a 2-D (N, D) array with D > 0, got shape {a.shape}.",
+                reason="bad_shape",
+            )
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise ConfigError(f"vectors must be numeric, got dtype {a.dtype}.", reason="bad_shape")
+        self._a = a
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self._a.shape[0]), int(self._a.shape[1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self._a[start:stop], dtype=np.float32, order="C", copy=True)
+
+
+def _as_source(vectors) -> VectorSource:
+    if isinstance(vectors, np.ndarray) or not isinstance(vectors, VectorSource):
+        return ArraySource(vectors)
+    return vectors
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,27 +162,42 @@ def _as_matrix(x, name: str, dim: int | None = None) -> np.ndarray:
             "embeddings from the same encoder.",
             reason="dim_mismatch",
         )
-    if not np.all(np.isfinite(a)):
-        n_bad = int(np.sum(~np.all(np.isfinite(a), axis=1)))
+    _check_finite(a, name)
+    return np.ascontiguousarray(a)
+
+
+def _check_finite(a: np.ndarray, name: str, first_row: int = 0) -> None:
+    bad = ~np.all(np.isfinite(a), axis=1)  # (N,)
+    if bad.any():
+        rows = np.flatnonzero(bad)
         raise ConfigError(
-            f"{n_bad} of {a.shape[0]} rows of {name} contain NaN or infinity; fix them in the store.",
+            f"{rows.size} rows of {name} contain NaN or infinity (first: row "
+            f"{first_row + int(rows[0])}); fix them in the store.",
             reason="bad_scores",
         )
-    return np.ascontiguousarray(a)
 
 
 def _l2_normalize(a: np.ndarray) -> np.ndarray:
     """Row-normalised copy; all-zero rows stay zero (cosine 0 with everything)."""
+    return _l2_normalize_(np.array(a, dtype=np.float32, order="C", copy=True))
+
+
+def _l2_normalize_(a: np.ndarray) -> np.ndarray:
+    """Normalise the rows of float32 ``a`` in place (zero rows stay zero); returns ``a``."""
     norms = np.linalg.norm(a, axis=1, keepdims=True)  # (N, 1)
-    return np.ascontiguousarray(a / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+    np.divide(a, np.where(norms > 0, norms, 1.0).astype(np.float32), out=a)
+    return a
 
 
 def vectors_checksum(vectors, ids: Sequence[str] | None = None) -> str:
-    """sha256 hex over the shape and float32 bytes of ``vectors`` (and the ids, when given)."""
+    """sha256 hex over the shape and float32 bytes of ``vectors`` (and the ids, when given).
+
+    For in-memory arrays. A store set is identified without reading its vectors (the digest
+    of its live rows' ids and CRC-32s, ``embedstore.retrieval``)."""
     a = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     h = hashlib.sha256()
     h.update(f"float32:{a.shape}".encode())
-    h.update(a.tobytes())
+    h.update(memoryview(a).cast("B"))
     if ids is not None:
         h.update(b"\x00ids\x00")
         h.update("\x1f".join(str(i) for i in ids).encode())
@@ -102,9 +207,36 @@ def vectors_checksum(vectors, ids: Sequence[str] | None = None) -> str:
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _sha256_ends(path: Path) -> str:
+    """sha256 of the first and last ``_ENDS_BYTES`` of a file (all of it when shorter)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"size:{size}".encode())
+    with open(path, "rb") as f:
+        if size <= 2 * _ENDS_BYTES:
+            h.update(f.read())
+        else:
+            h.update(f.read(_ENDS_BYTES))
+            f.seek(size - _ENDS_BYTES)
+            h.update(f.read(_ENDS_BYTES))
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -133,6 +265,27 @@ def _resolve_gpu(use_gpu: bool | str) -> bool:
     raise ConfigError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}.")
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _omp_threads(n: int | None) -> Iterator[int]:
+    """FAISS's OpenMP threads set to ``n`` (default: the cores this process may use)."""
+    before = faiss.omp_get_max_threads()
+    want = int(n) if n is not None else _cores()
+    if want < 1:
+        raise ConfigError(f"threads must be >= 1, got {n}.")
+    faiss.omp_set_num_threads(want)
+    try:
+        yield want
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- the index
 
 
@@ -152,6 +305,8 @@ class EmbeddingIndex:
         ids: Sequence[str] | None = None,
         source_checksum: str | None = None,
         gpu_resources=None,
+        options: Mapping | None = None,
+        mmapped: bool = False,
     ):
         self._index = index
         self._gpu_resources = gpu_resources  # keep alive as long as the GPU index
@@ -162,6 +317,8 @@ class EmbeddingIndex:
         self.recall_check = dict(recall_check) if recall_check else None
         self.ids = list(ids) if ids is not None else None
         self.source_checksum = source_checksum
+        self.options = dict(options or {})
+        self.mmapped = mmapped
         self.rebuild_reason: str | None = None
         if self.ids is not None and len(self.ids) != index.ntotal:
             raise ConfigError(
@@ -192,8 +349,10 @@ class EmbeddingIndex:
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k) float32, positions (Q, k) int64), best first. Scores are cosine
-        similarities for metric 'ip' with normalize=True, squared L2 distances for 'l2'."""
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
+        similarities for metric 'ip' with normalize=True, squared L2 distances for 'l2'
+        (estimated from the codes for ivfpq / opq). Positions are -1 where fewer than k
+        vectors were reached (IVF with a small nprobe)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
             raise FaissIndexError(
                 f"k must be an integer between 1 and the index size {self.ntotal}, got {k!r}.",
                 reason="bad_k",
@@ -226,37 +385,85 @@ class EmbeddingIndex:
 
     def __repr__(self) -> str:
         where = "gpu" if self.on_gpu else "cpu"
-        return f"EmbeddingIndex(kind={self.kind!r}, metric={self.metric!r}, ntotal={self.ntotal}, dim={self.dim}, {where})"
+        return (f"EmbeddingIndex(kind={self.kind!r}, metric={self.metric!r}, ntotal={self.ntotal}, "
+                f"dim={self.dim}, {where})")
 
 
-def _default_nlist(n: int) -> int:
-    # ~4 sqrt(N) lists, a power of two, with >= 39 training points per centroid (FAISS warns below)
-    target = 2 ** int(round(math.log2(max(1.0, 4 * math.sqrt(n)))))
-    return int(max(1, min(target, n // 39)))
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` vectors: the power of two nearest sqrt(n), with >= 39 training points
+    per list (FAISS warns below). 10^5 -> 256, 10^6 -> 1024, 10^7 -> 4096. sqrt(n) keeps both
+    the k-means and the per-query scan (nprobe lists of ~sqrt(n) vectors) cheap on 2 cores."""
+    target = 2 ** int(round(math.log2(max(1.0, math.sqrt(n)))))
+    return int(max(1, min(target, n // 39 if n >= 39 else 1)))
 
 
-def _measure_recall(
-    index, data: np.ndarray, metric: int, *, sample: int, seed: int
-) -> tuple[float, int]:
-    """recall@10 of ``index`` vs exact search, on a seeded sample of database rows as queries.
+def _default_pq_m(d: int) -> int:
+    """Sub-quantizers for IVF-PQ: the largest divisor of d that is <= d / 8 (64 for 512-d:
+    64 bytes per vector at 8 bits, 1/32 of float32)."""
+    target = max(1, d // 8)
+    return max(m for m in range(1, target + 1) if d % m == 0)
 
-    Each query's own row is dropped from both result lists: it is always found (it sits in its
-    own IVF cell), and counting it would inflate recall by up to 1/k."""
-    rng = np.random.default_rng(seed)
-    n = data.shape[0]
-    rows = rng.choice(n, size=min(sample, n), replace=False)  # (S,)
-    q = data[rows]  # (S, D)
-    k = min(_RECALL_K, n - 1)
-    if k < 1:
-        return 1.0, int(q.shape[0])
-    _, exact = faiss.knn(q, data, k + 1, metric=metric)  # (S, k + 1) brute force, no index copy
-    _, approx = index.search(q, k + 1)  # (S, k + 1)
+
+class _TopK:
+    """Exact running top-k of a few queries over database chunks (the recall reference).
+
+    Scores are "larger is better": q.x for inner product, 2 q.x - |x|^2 for L2 (the query's own
+    norm is the same for every candidate)."""
+
+    def __init__(self, queries: np.ndarray, k: int, metric: str):
+        self.q = queries  # (S, D)
+        self.k = k
+        self.metric = metric
+        s = queries.shape[0]
+        self.scores = np.full((s, k), -np.inf, dtype=np.float32)  # (S, k), sorted descending
+        self.pos = np.full((s, k), -1, dtype=np.int64)  # (S, k)
+
+    def add(self, x: np.ndarray, first_row: int) -> None:
+        s = self.q @ x.T  # (S, m)
+        if self.metric == "l2":
+            s = 2.0 * s - np.einsum("ij,ij->i", x, x)[None, :]
+        if np.isneginf(self.scores[:, -1]).any():
+            # Not full yet (the first chunk): every entry would pass the threshold below, so take
+            # each query's k best of the chunk directly, without an (S x m) index list.
+            k = min(self.k, s.shape[1])
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else \
+                np.broadcast_to(np.arange(s.shape[1]), (s.shape[0], s.shape[1]))
+            sc = np.concatenate([self.scores, np.take_along_axis(s, top, axis=1)], axis=1)
+            ps = np.concatenate([self.pos, top.astype(np.int64) + first_row], axis=1)
+            order = np.argsort(-sc, axis=1, kind="stable")[:, : self.k]
+            self.scores = np.take_along_axis(sc, order, axis=1)
+            self.pos = np.take_along_axis(ps, order, axis=1)
+            return
+        thr = self.scores[:, -1]  # (S,) the k-th best so far
+        rows, cols = np.nonzero(s > thr[:, None])  # the few entries that can enter a top-k
+        if rows.size == 0:
+            return
+        bounds = np.searchsorted(rows, np.arange(self.q.shape[0] + 1))
+        for i in np.flatnonzero(np.diff(bounds)):
+            c = cols[bounds[i] : bounds[i + 1]]
+            sc = np.concatenate([self.scores[i], s[i, c]])
+            ps = np.concatenate([self.pos[i], c.astype(np.int64) + first_row])
+            top = np.argsort(-sc, kind="stable")[: self.k]
+            self.scores[i], self.pos[i] = sc[top], ps[top]
+
+
+def _recall_at_k(approx: np.ndarray, exact: np.ndarray, self_rows: np.ndarray, k: int) -> float:
+    """Mean overlap of the top-k lists, each query's own row dropped from both (it is always
+    found, and counting it would inflate recall by up to 1/k)."""
     hits = 0
-    for self_id, a, e in zip(rows.tolist(), approx.tolist(), exact.tolist(), strict=True):
-        a = [i for i in a if i != self_id][:k]
-        e = [i for i in e if i != self_id][:k]
+    for me, a, e in zip(self_rows.tolist(), approx.tolist(), exact.tolist(), strict=True):
+        a = [i for i in a if i != me and i >= 0][:k]
+        e = [i for i in e if i != me and i >= 0][:k]
         hits += len(set(a) & set(e))
-    return hits / (q.shape[0] * k), int(q.shape[0])
+    return hits / (len(self_rows) * k) if len(self_rows) else 1.0
+
+
+def _resolve_kind(kind: str, n: int, d: int, exact_max: int, flat_max_bytes: int) -> str:
+    if kind != "auto":
+        return kind
+    if n <= exact_max:
+        return "flat"
+    return "ivf" if n * d * 4 <= flat_max_bytes else "ivfpq"
 
 
 def build_index(
@@ -269,18 +476,29 @@ def build_index(
     seed: int = 0,
     ids: Sequence[str] | None = None,
     exact_max: int = 100_000,
+    flat_max_bytes: int = FLAT_MAX_BYTES,
     nlist: int | None = None,
     nprobe: int | None = None,
+    pq_m: int | None = None,
+    pq_nbits: int = 8,
     hnsw_m: int = 32,
+    train_size: int | None = None,
     target_recall: float = 0.95,
-    recall_sample: int = 1000,
+    recall_sample: int = 500,
+    chunk_rows: int | None = None,
+    threads: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> EmbeddingIndex:
-    """Index ``vectors`` (N, D). ``kind='auto'`` is exact flat up to ``exact_max`` rows, IVF above.
+    """Index ``vectors``: an (N, D) array or any ``VectorSource`` (read twice, in chunks).
 
-    Approximate kinds get a recall@10 check against exact search on ``recall_sample`` seeded
-    database rows; ``nprobe`` (IVF) or ``efSearch`` (HNSW) doubles until ``target_recall`` is met
-    or the search is exhaustive (``target_recall=0`` measures without widening), and the result
-    lands in ``index.recall_check``."""
+    ``kind='auto'`` is exact flat up to ``exact_max`` rows, IVF-Flat while N x D x 4 bytes fit in
+    ``flat_max_bytes``, IVF-PQ above. IVF kinds train on ``train_size`` seeded rows (default
+    40 x nlist, at least 64 x 2**pq_nbits for PQ); ``nlist`` defaults to ``default_nlist(N)``,
+    ``pq_m`` to the largest divisor of D <= D / 8. Approximate kinds get a recall@10 check on
+    ``recall_sample`` seeded database rows against exact search, widening ``nprobe`` /
+    ``efSearch`` until ``target_recall`` is met (``target_recall=0`` measures without widening);
+    the result lands in ``index.recall_check``, timings and sizes in ``index.params``.
+    ``progress(stage, done, total)`` is called as the build advances."""
     if kind not in KINDS:
         raise ConfigError(f"Unknown index kind {kind!r}. Available: {', '.join(KINDS)}.")
     if metric not in METRICS:
@@ -289,67 +507,123 @@ def build_index(
         raise ConfigError(
             f"target_recall must lie in [0, 1] (0 = measure only, never widen), got {target_recall}."
         )
-    data = _as_matrix(vectors, "vectors")
-    if normalize:
-        data = _l2_normalize(data)
-    n, d = data.shape
+    if recall_sample < 1:
+        raise ConfigError(f"recall_sample must be >= 1, got {recall_sample}.")
+    src = _as_source(vectors)
+    n, d = src.shape
+    if n < 1:
+        raise ConfigError("Cannot index an empty set of vectors.", reason="bad_shape")
+    kind = _resolve_kind(kind, n, d, exact_max, flat_max_bytes)
+    progress = progress or _no_progress
     fmetric = _FAISS_METRIC[metric]
-    if kind == "auto":
-        kind = "flat" if n <= exact_max else "ivf"
     gpu = _resolve_gpu(use_gpu) and kind != "hnsw"  # FAISS has no GPU HNSW
-    params: dict = {"seed": int(seed)}
-    t0 = time.perf_counter()
+    step = int(chunk_rows) if chunk_rows else max(1024, _CHUNK_BYTES // (4 * d))
+    if step < 1:
+        raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+    params: dict = {"seed": int(seed), "chunk_rows": step}
+    t_start = time.perf_counter()
 
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
-    elif kind == "ivf":
-        nl = int(nlist) if nlist is not None else _default_nlist(n)
+    # ---- what to train: the index skeleton and its sample size
+    nl = 0
+    if kind in _IVF_KINDS:
+        nl = int(nlist) if nlist is not None else default_nlist(n)
         if not 1 <= nl <= n:
             raise ConfigError(f"nlist must lie in [1, N={n}], got {nl}; use fewer lists.")
-        quantizer = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nl, fmetric)
-        index.cp.seed = int(seed)  # k-means init is seeded: same vectors + seed -> same index
-        index.train(data)
-        index.nprobe = int(nprobe) if nprobe is not None else max(1, min(64, nl // 32))
-        params.update(nlist=nl)
-    else:  # hnsw
-        index = faiss.IndexHNSWFlat(d, int(hnsw_m), fmetric)
-        index.hnsw.efSearch = 64
-        params.update(hnsw_m=int(hnsw_m), ef_construction=int(index.hnsw.efConstruction))
-    index.add(data)
-    params["build_s"] = round(time.perf_counter() - t0, 4)
+        params["nlist"] = nl
+    if kind in _COMPRESSED_KINDS:
+        m = int(pq_m) if pq_m is not None else _default_pq_m(d)
+        if m < 1 or d % m:
+            divisors = [x for x in (8, 16, 32, 64, 128) if d % x == 0]
+            raise ConfigError(
+                f"pq_m={m} must divide the dimension {d} (e.g. {', '.join(map(str, divisors))}).")
+        if not 1 <= int(pq_nbits) <= 16:
+            raise ConfigError(f"pq_nbits must lie in [1, 16], got {pq_nbits}.")
+        params.update(pq_m=m, pq_nbits=int(pq_nbits), code_bytes=int(math.ceil(m * pq_nbits / 8)),
+                      opq=kind == "opq")
+    n_train = 0
+    if kind in _IVF_KINDS:
+        default_train = _TRAIN_PER_LIST * nl
+        if kind in _COMPRESSED_KINDS:
+            default_train = max(default_train, _PQ_TRAIN_PER_CODE * 2 ** int(pq_nbits))
+        n_train = int(train_size) if train_size is not None else default_train
+        if n_train < nl:
+            raise ConfigError(f"train_size={n_train} is below nlist={nl}: k-means needs at least "
+                              "one point per list (40 per list is the default).")
+        n_train = min(n, n_train, _TRAIN_CAP * nl if kind == "ivf" else n)
+        params["train_size"] = n_train
 
-    recall_check = None
-    if kind in ("ivf", "hnsw"):
-        history = []
-        while True:
-            recall, n_q = _measure_recall(index, data, fmetric, sample=recall_sample, seed=seed)
-            knob = index.nprobe if kind == "ivf" else index.hnsw.efSearch
-            history.append(
-                {"nprobe" if kind == "ivf" else "ef_search": int(knob), "recall@10": recall}
-            )
-            if recall >= target_recall:
-                break
-            if kind == "ivf":
-                if index.nprobe >= index.nlist:
-                    break
-                index.nprobe = min(index.nlist, index.nprobe * 2)
+    with _omp_threads(threads) as n_threads:
+        params["threads"] = n_threads
+        rng = np.random.default_rng(seed)
+        train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train else np.empty(0, np.int64)
+        approximate = kind != "flat"
+        q_rows = (np.sort(rng.choice(n, size=min(recall_sample, n), replace=False))
+                  if approximate else np.empty(0, np.int64))
+
+        # ---- pass 1: the training sample and the recall queries
+        t0 = time.perf_counter()
+        xt = np.empty((train_rows.size, d), dtype=np.float32)  # (T, D)
+        xq = np.empty((q_rows.size, d), dtype=np.float32)  # (S, D)
+        if train_rows.size or q_rows.size:
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                ti = np.searchsorted(train_rows, [start, stop])
+                qi = np.searchsorted(q_rows, [start, stop])
+                if ti[0] == ti[1] and qi[0] == qi[1]:
+                    continue
+                x = _read(src, start, stop, d)
+                xt[ti[0] : ti[1]] = x[train_rows[ti[0] : ti[1]] - start]
+                xq[qi[0] : qi[1]] = x[q_rows[qi[0] : qi[1]] - start]
+                del x
+                progress("sample", stop, n)
+        if normalize:
+            _l2_normalize_(xt)
+            _l2_normalize_(xq)
+        params["sample_s"] = round(time.perf_counter() - t0, 3)
+
+        # ---- train on the sample alone
+        t0 = time.perf_counter()
+        index = _make_index(kind, d, fmetric, nl, params, hnsw_m, seed)
+        if n_train:
+            progress("train", 0, 1)
+            index.train(xt)
+            progress("train", 1, 1)
+        del xt
+        params["train_s"] = round(time.perf_counter() - t0, 3)
+
+        # ---- pass 2: add in chunks, exact top-k of the recall queries alongside
+        t0 = time.perf_counter()
+        k_ref = min(_RECALL_K, n - 1) + 1  # one more: each query finds itself
+        ref = _TopK(xq, k_ref, metric) if approximate else None
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            x = _read(src, start, stop, d)  # (m, D)
+            if normalize:
+                _l2_normalize_(x)
+            if ref is not None:
+                ref.add(x, start)
+            index.add(x)
+            del x
+            progress("add", stop, n)
+        if index.ntotal != n:
+            raise FaissIndexError(f"Index holds {index.ntotal} vectors after adding {n}.",
+                                  reason="index_corrupt")
+        params["add_s"] = round(time.perf_counter() - t0, 3)
+
+        # ---- recall check, widening the search until the target
+        recall_check = None
+        t0 = time.perf_counter()
+        if approximate:
+            recall_check = _tune_recall(index, kind, xq, q_rows, ref, n, target_recall,
+                                        nprobe, progress)
+            recall_check["seed"] = int(seed)
+            if kind in _IVF_KINDS:
+                params["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
             else:
-                if index.hnsw.efSearch >= n:
-                    break
-                index.hnsw.efSearch = min(n, index.hnsw.efSearch * 2)
-        recall_check = {
-            "recall@10": recall,
-            "target": target_recall,
-            "met": bool(recall >= target_recall),
-            "n_queries": n_q,
-            "seed": int(seed),
-            "history": history,
-        }
-        if kind == "ivf":
-            params["nprobe"] = int(index.nprobe)
-        else:
-            params["ef_search"] = int(index.hnsw.efSearch)
+                params["ef_search"] = int(index.hnsw.efSearch)
+        params["recall_s"] = round(time.perf_counter() - t0, 3)
+    params["build_s"] = round(time.perf_counter() - t_start, 3)
+    params["index_bytes_in_ram"] = _index_ram_bytes(index, kind, params)
 
     resources = None
     if gpu:
@@ -363,9 +637,111 @@ def build_index(
         params=params,
         recall_check=recall_check,
         ids=ids,
-        source_checksum=vectors_checksum(vectors, ids),
         gpu_resources=resources,
     )
+
+
+def _read(src: VectorSource, start: int, stop: int, d: int) -> np.ndarray:
+    x = src.read(start, stop)
+    if not isinstance(x, np.ndarray) or x.shape != (stop - start, d):
+        raise ConfigError(
+            f"Vector source returned shape {getattr(x, 'shape', None)} for rows [{start}, {stop}); "
+            f"expected ({stop - start}, {d}).",
+            reason="bad_shape",
+        )
+    if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
+        x = np.array(x, dtype=np.float32, order="C", copy=True)
+    _check_finite(x, "vectors", first_row=start)
+    return x
+
+
+def _make_index(kind: str, d: int, fmetric: int, nl: int, params: dict, hnsw_m: int, seed: int):
+    if kind == "flat":
+        return faiss.IndexFlatIP(d) if fmetric == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(d)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, int(hnsw_m), fmetric)
+        index.hnsw.efSearch = 64
+        params.update(hnsw_m=int(hnsw_m), ef_construction=int(index.hnsw.efConstruction))
+        return index
+    quantizer = faiss.IndexFlatIP(d) if fmetric == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(d)
+    if kind == "ivf":
+        ivf = faiss.IndexIVFFlat(quantizer, d, nl, fmetric)
+    else:
+        ivf = faiss.IndexIVFPQ(quantizer, d, nl, params["pq_m"], params["pq_nbits"], fmetric)
+        # PQ k-means on 64 points per codeword and 10 iterations: 25 iterations on 256 per
+        # codeword (FAISS's defaults) took minutes on 2 cores for no recall gain measured here.
+        ivf.pq.cp.max_points_per_centroid = _PQ_TRAIN_PER_CODE
+        ivf.pq.cp.niter = 10
+        ivf.pq.cp.seed = int(seed)
+    ivf.cp.seed = int(seed)  # k-means init is seeded: same vectors + seed -> same index
+    if kind != "opq":
+        return ivf
+    opq = faiss.OPQMatrix(d, params["pq_m"])
+    # FAISS's defaults (50 outer iterations, 40 PQ iterations first) took 4-8 minutes on 2 cores.
+    opq.niter, opq.niter_pq_0, opq.niter_pq = 8, 10, 4
+    opq.max_train_points = _PQ_TRAIN_PER_CODE * 2 ** params["pq_nbits"]
+    return faiss.IndexPreTransform(opq, ivf)  # the Python wrappers keep opq and ivf alive
+
+
+def _tune_recall(index, kind: str, xq: np.ndarray, q_rows: np.ndarray, ref: _TopK, n: int,
+                 target: float, nprobe: int | None, progress: ProgressFn) -> dict:
+    k = min(_RECALL_K, n - 1)
+    if k < 1:
+        return {"recall@10": 1.0, "target": target, "met": True, "n_queries": int(q_rows.size),
+                "k": 0, "history": []}
+    ivf = faiss.extract_index_ivf(index) if kind in _IVF_KINDS else None
+    if ivf is not None:
+        ivf.nprobe = int(nprobe) if nprobe is not None else max(1, min(ivf.nlist, ivf.nlist // 128))
+        if not 1 <= ivf.nprobe <= ivf.nlist:
+            raise ConfigError(f"nprobe must lie in [1, nlist={ivf.nlist}], got {ivf.nprobe}.")
+    history: list[dict] = []
+    knob_name = "nprobe" if ivf is not None else "ef_search"
+    max_steps = 1 + int(math.ceil(math.log2(max(2, ivf.nlist if ivf is not None else n))))
+    recall, plateau = 0.0, False
+    for i in range(max_steps):
+        knob = ivf.nprobe if ivf is not None else index.hnsw.efSearch
+        _, approx = index.search(xq, k + 1)  # (S, k + 1)
+        recall = _recall_at_k(approx, ref.pos, q_rows, k)
+        history.append({knob_name: int(knob), "recall@10": recall})
+        progress("recall", i + 1, max_steps)
+        if recall >= target:
+            break
+        if len(history) >= 2 and kind in _COMPRESSED_KINDS and \
+                recall - history[-2]["recall@10"] < _PLATEAU:
+            plateau = True  # PQ's own error bounds recall: a wider search buys nothing
+            break
+        if ivf is not None:
+            if ivf.nprobe >= ivf.nlist:
+                break
+            ivf.nprobe = min(ivf.nlist, ivf.nprobe * 2)
+        else:
+            if index.hnsw.efSearch >= n:
+                break
+            index.hnsw.efSearch = min(n, index.hnsw.efSearch * 2)
+    if plateau and ivf is not None:
+        ivf.nprobe = history[-2]["nprobe"]  # the narrower search did as well
+        recall = history[-2]["recall@10"]
+    progress("recall", max_steps, max_steps)
+    return {
+        "recall@10": recall,
+        "target": target,
+        "met": bool(recall >= target),
+        "plateau": plateau,
+        "n_queries": int(q_rows.size),
+        "k": k,
+        "history": history,
+    }
+
+
+def _index_ram_bytes(index, kind: str, params: dict) -> int:
+    """Approximate bytes of the index's payload (vectors or codes + ids)."""
+    n, d = int(index.ntotal), int(index.d)
+    if kind == "flat":
+        return n * d * 4
+    if kind == "hnsw":
+        return n * d * 4 + n * int(params.get("hnsw_m", 32)) * 2 * 4
+    per = d * 4 if kind == "ivf" else int(params["code_bytes"])
+    return n * (per + 8) + int(params.get("nlist", 0)) * d * 4
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -377,21 +753,36 @@ def save_index(
     *,
     source_checksum: str,
     meta: Mapping | None = None,
+    options: Mapping | None = None,
 ) -> Path:
-    """Write the index file, then its sidecar JSON (the commit point). Returns the index path."""
+    """Write the index file (``faiss.write_index`` to a temp file, fsync, rename), then its
+    sidecar JSON (the commit point). ``options``: the build options asked for (a rebuild after
+    the source changed reuses them). Returns the index path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = faiss.serialize_index(index._cpu_index())  # (bytes,) uint8
-    atomic_write_bytes(path, blob.tobytes())
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        faiss.write_index(index._cpu_index(), str(tmp))  # streams to disk: no in-RAM copy
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        full, ends, size = _sha256_file(tmp), _sha256_ends(tmp), tmp.stat().st_size
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
     side = {
         "schema_version": INDEX_SCHEMA_VERSION,
-        "format": "faiss.serialize_index",
+        "format": "faiss.write_index",
         "faiss_version": faiss.__version__,
         "index_file": path.name,
-        "index_sha256": _sha256_file(path),
-        "index_bytes": int(blob.size),
+        "index_bytes": int(size),
+        "index_sha256": full,
+        "index_ends_sha256": ends,
         "source_checksum": source_checksum,
         "build": index.describe(),
+        "options": {k: v for k, v in dict(options or index.options).items()
+                    if k not in _RUNTIME_OPTIONS},
         "ids": index.ids,
         "meta": dict(meta or {}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -405,45 +796,83 @@ def save_index(
     return path
 
 
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The parsed sidecar of the index at ``path``; FaissIndexError (``index_missing`` /
+    ``index_corrupt`` / ``index_format``) when it is absent, unreadable or of another schema."""
+    side_p = sidecar_path(path)
+    if not side_p.is_file():
+        raise FaissIndexError(
+            f"Index file {side_p} does not exist; build it with build_index/get_or_build_index.",
+            reason="index_missing",
+        )
+    try:
+        side = json.loads(side_p.read_text())
+        if not isinstance(side, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise FaissIndexError(
+            f"Index sidecar {side_p} is unreadable ({type(e).__name__}: {e}); delete it and rebuild.",
+            reason="index_corrupt",
+        ) from e
+    version = side.get("schema_version")
+    if version != INDEX_SCHEMA_VERSION:
+        raise FaissIndexError(
+            f"Index {Path(path)} has schema version {version!r}, this embedstore reads "
+            f"{INDEX_SCHEMA_VERSION}; rebuild it.",
+            reason="index_format",
+        )
+    build = side.get("build")
+    missing = [k for k in ("index_bytes", "index_sha256", "index_ends_sha256", "source_checksum")
+               if k not in side]
+    if not isinstance(build, dict) or missing or not {"kind", "metric", "normalize"} <= set(build):
+        raise FaissIndexError(
+            f"Index sidecar {side_p} lacks {', '.join(missing) or 'its build section'}; delete it "
+            "and rebuild.",
+            reason="index_corrupt",
+        )
+    return side
+
+
 def load_index(
     path: str | os.PathLike,
     *,
     expected_source_checksum: str,
     use_gpu: bool | str = "auto",
+    mmap: bool = True,
+    verify: str = "quick",
 ) -> EmbeddingIndex:
-    """Load and verify an index: sidecar schema, file sha256, source checksum, size and dim.
+    """Open and check an index: sidecar schema, file size, file hash, source checksum, size and
+    dim. ``verify="quick"`` hashes the file's first and last MiB (with the size check, this
+    catches truncation, appends and a file from another build); ``"full"`` hashes every byte.
+    ``mmap`` maps the file instead of reading it (``faiss.IO_FLAG_MMAP_IFC``).
 
     Raises FaissIndexError with reason ``index_missing``, ``index_corrupt``, ``index_format`` or
-    ``index_stale`` (built from other vectors); the fix is always to rebuild from the store."""
+    ``index_stale`` (built from other vectors); the fix is always to rebuild from the source."""
+    if verify not in VERIFY_MODES:
+        raise ConfigError(f"Unknown verify mode {verify!r}. Available: {', '.join(VERIFY_MODES)}.")
     path = Path(path)
-    side_p = sidecar_path(path)
-    for p in (path, side_p):
-        if not p.is_file():
-            raise FaissIndexError(
-                f"Index file {p} does not exist; build it with build_index/get_or_build_index.",
-                reason="index_missing",
-            )
-    try:
-        side = json.loads(side_p.read_text())
-        build = side["build"]
-        want_sha = side["index_sha256"]
-        version = side["schema_version"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    if not path.is_file():
         raise FaissIndexError(
-            f"Index sidecar {side_p} is unreadable ({type(e).__name__}: {e}); delete it and rebuild.",
-            reason="index_corrupt",
-        ) from e
-    if version != INDEX_SCHEMA_VERSION:
-        raise FaissIndexError(
-            f"Index {path} has schema version {version!r}, this embedstore reads "
-            f"{INDEX_SCHEMA_VERSION}; rebuild it.",
-            reason="index_format",
+            f"Index file {path} does not exist; build it with build_index/get_or_build_index.",
+            reason="index_missing",
         )
-    got_sha = _sha256_file(path)
-    if got_sha != want_sha:
+    side = read_sidecar(path)
+    build = side["build"]
+    size = path.stat().st_size
+    if size != side["index_bytes"]:
         raise FaissIndexError(
-            f"Index file {path} is corrupt: sha256 {got_sha[:12]}... does not match the sidecar's "
-            f"{str(want_sha)[:12]}...; rebuild it from the store.",
+            f"Index file {path} is corrupt: {size} bytes where its sidecar says "
+            f"{side['index_bytes']}; rebuild it from the store.",
+            reason="index_corrupt",
+        )
+    if verify == "full":
+        got, want, what = _sha256_file(path), side.get("index_sha256"), "sha256"
+    else:
+        got, want, what = _sha256_ends(path), side["index_ends_sha256"], "sha256 of its ends"
+    if got != want:
+        raise FaissIndexError(
+            f"Index file {path} is corrupt: {what} {got[:12]}... does not match the sidecar's "
+            f"{str(want)[:12]}...; rebuild it from the store.",
             reason="index_corrupt",
         )
     if side.get("source_checksum") != expected_source_checksum:
@@ -453,8 +882,10 @@ def load_index(
             "rebuild it from the current store.",
             reason="index_stale",
         )
+    gpu = _resolve_gpu(use_gpu) and build.get("kind") != "hnsw"
+    flags = faiss.IO_FLAG_MMAP_IFC if (mmap and not gpu) else 0
     try:
-        raw = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+        raw = faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise FaissIndexError(
             f"FAISS cannot read {path}: {str(e).splitlines()[0][:200]}; rebuild it.",
@@ -467,12 +898,12 @@ def load_index(
             reason="index_corrupt",
         )
     params = build.get("params", {})
-    if build.get("kind") == "ivf" and "nprobe" in params:
+    if build.get("kind") in _IVF_KINDS and "nprobe" in params:
         faiss.extract_index_ivf(raw).nprobe = int(params["nprobe"])
     if build.get("kind") == "hnsw" and "ef_search" in params:
         faiss.downcast_index(raw).hnsw.efSearch = int(params["ef_search"])
     resources = None
-    if _resolve_gpu(use_gpu) and build.get("kind") != "hnsw":
+    if gpu:
         resources = faiss.StandardGpuResources()
         raw = faiss.index_cpu_to_gpu(resources, 0, raw)
     return EmbeddingIndex(
@@ -485,7 +916,24 @@ def load_index(
         ids=side.get("ids"),
         source_checksum=side["source_checksum"],
         gpu_resources=resources,
+        options=side.get("options"),
+        mmapped=bool(flags),
     )
+
+
+def _settings_differ(idx: EmbeddingIndex, wanted: Mapping) -> bool:
+    for key, value in wanted.items():
+        if key in _RUNTIME_OPTIONS:
+            continue
+        if key == "kind":
+            if value != "auto" and idx.kind != value:
+                return True
+        elif key in ("metric", "normalize"):
+            if getattr(idx, key) != value:
+                return True
+        elif idx.options.get(key) != value:
+            return True
+    return False
 
 
 def get_or_build_index(
@@ -493,34 +941,44 @@ def get_or_build_index(
     vectors,
     ids: Sequence[str] | None = None,
     meta: Mapping | None = None,
+    *,
+    source_checksum: str | None = None,
+    verify: str = "full",
+    mmap: bool = True,
     **build_kwargs,
 ) -> tuple[EmbeddingIndex, bool]:
-    """(index, rebuilt): load ``path`` when it verifies against these vectors and ids and was built
-    with the requested kind/metric/normalisation; otherwise build, save and return it.
+    """(index, rebuilt): open ``path`` when it verifies against this source and was built with
+    the requested settings; otherwise build, save and return it.
 
+    ``vectors`` is an array (its checksum is computed: ``vectors_checksum(vectors, ids)``) or a
+    ``VectorSource`` with its identity in ``source_checksum``. Settings: metric and
+    normalisation always, ``kind`` unless 'auto', every other build option when passed.
     ``index.rebuild_reason`` says why a rebuild happened (the FaissIndexError reason or
     ``settings_changed``); it is None when the saved index was used."""
-    checksum = vectors_checksum(vectors, ids)
+    if source_checksum is None:
+        if isinstance(vectors, VectorSource) and not isinstance(vectors, np.ndarray):
+            raise ConfigError("A VectorSource needs its source_checksum (an identity of its rows).")
+        source_checksum = vectors_checksum(vectors, ids)
     use_gpu = build_kwargs.get("use_gpu", "auto")
+    wanted = {"metric": "ip", "normalize": True, **build_kwargs}
     reason: str | None
     try:
-        idx = load_index(path, expected_source_checksum=checksum, use_gpu=use_gpu)
+        idx = load_index(path, expected_source_checksum=source_checksum, use_gpu=use_gpu,
+                         mmap=mmap, verify=verify)
     except FaissIndexError as e:
         if e.reason == "no_gpu":
             raise
         reason = e.reason
     else:
-        wanted = {
-            "metric": build_kwargs.get("metric", "ip"),
-            "normalize": build_kwargs.get("normalize", True),
-        }
-        if build_kwargs.get("kind", "auto") != "auto":
-            wanted["kind"] = build_kwargs["kind"]
-        if all(getattr(idx, k) == v for k, v in wanted.items()):
+        if not _settings_differ(idx, wanted):
             return idx, False
         reason = "settings_changed"
+        del idx
     idx = build_index(vectors, ids=ids, **build_kwargs)
-    save_index(idx, path, source_checksum=checksum, meta=meta)
+    options = {k: v for k, v in build_kwargs.items() if k not in _RUNTIME_OPTIONS}
+    idx.options = options
+    save_index(idx, path, source_checksum=source_checksum, meta=meta, options=options)
+    idx.source_checksum = source_checksum
     idx.rebuild_reason = reason
     return idx, True
 

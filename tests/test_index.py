@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
+import embedstore.index as index_mod
 from embedstore.errors import ConfigError, FaissIndexError
 from embedstore.index import (
     build_index,
@@ -211,6 +212,8 @@ def test_truncated_file_with_matching_sidecar_is_refused_by_faiss(tmp_path):
     import hashlib
 
     side["index_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    side["index_bytes"] = 100
+    side["index_ends_sha256"] = index_mod._sha256_ends(path)
     sidecar_path(path).write_text(json.dumps(side))
     with pytest.raises(FaissIndexError, match="FAISS cannot read") as e:
         load_index(path, expected_source_checksum=vectors_checksum(x))
