@@ -1,6 +1,10 @@
-"""Store benchmark: embedstore vs the per-file .npy layout of the published method, side by side.
+"""Store benchmark: embedstore vs the per-file .npy layout of the published method, side by side,
+and the store at scale (10^4, 10^5, 10^6 rows; benchmarks/_store_scale.py).
 
-    python -m benchmarks.bench_store [--quick]      (part of `make bench`)
+    python -m benchmarks.bench_store [--quick] [--scale-only] [--big]   (part of `make bench`)
+
+``--big`` (or EMBEDSTORE_BENCH_BIG=1 under `make bench`) adds the 10^7-row float16 check: ~10 GB
+on disk and about 15 minutes here.
 
 (1) writing 20 000 x 512 float32 embeddings: StoreWriter.add per row vs one np.save per row;
 (2) loading the full set: Store.load vs a per-sample np.load Dataset + DataLoader epoch, and vs
@@ -231,8 +235,17 @@ def _bench_cohort(work: Path, n_manifest: int, reps: int) -> tuple[list[tuple], 
     return rows, notes
 
 
-def run(quick: bool = False) -> str:
-    """Run the benchmark and return a Markdown section (machine, command, table)."""
+def run(quick: bool = False, *, scale_only: bool = False, big: bool | None = None) -> str:
+    """Run the benchmarks and return Markdown sections: the small side-by-side one, then scale."""
+    from benchmarks._store_scale import run_scale
+
+    big = os.environ.get("EMBEDSTORE_BENCH_BIG") == "1" if big is None else big
+    scale = run_scale(quick=quick, big=big)
+    return scale if scale_only else _run_small(quick) + "\n" + scale
+
+
+def _run_small(quick: bool = False) -> str:
+    """The small benchmark: a Markdown section (machine, command, table)."""
     n, d = (2000, 512) if quick else (20000, 512)
     n_manifest = 100_000 if quick else 1_000_000
     reps = 1 if quick else 3
@@ -271,11 +284,17 @@ def run(quick: bool = False) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    ap.add_argument("--scale-only", action="store_true", help="only the scale section")
+    ap.add_argument("--big", action="store_true", help="add the 10^7-row float16 check (~15 min)")
     args = ap.parse_args(argv)
-    md = run(quick=args.quick)
+    md = run(quick=args.quick, scale_only=args.scale_only, big=args.big)
     print(md)
     out = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "store.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.scale_only and out.exists():  # keep the small section, replace the scale one
+        old = out.read_text()
+        cut = old.find("## Embedding store at scale")
+        md = (old[:cut] if cut >= 0 else old + "\n") + md
     out.write_text(md)
 
 

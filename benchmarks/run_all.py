@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-BENCHES = ("store", "extract", "prior", "index")
+BENCHES = ("store", "extract", "prior", "index", "experiment")
 ROOT = Path(__file__).resolve().parents[1]
 
 

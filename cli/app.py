@@ -8,6 +8,7 @@ progress through it and never prints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import typer
 from embedstore.cli import render
 from embedstore.cli.progress import RichReporter
 
+from embedstore.domain import Modality
 from embedstore.errors import USER_ERRORS
 from embedstore.progress import NULL_REPORTER, Reporter
 
@@ -144,9 +146,10 @@ def manifest_import_rspect(
 def extract(
     store: StoreArg,
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Manifest (.parquet/.csv).")],
-    modality: Annotated[str, typer.Option(help="cxr or ctpa.")],
-    encoder: Annotated[str | None, typer.Option(help="Encoder name (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
+    modality: Annotated[Modality, typer.Option(case_sensitive=False, help="Modality to embed.")],
+    encoder: Annotated[str | None, typer.Option(help="Encoder name, hf:DIR (a transformers save_pretrained folder), or several separated by commas, run in turn (default: the demo encoder of the modality; see `embedstore encoders`).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file for the encoder.")] = None,
+    card: Annotated[Path | None, typer.Option(help="Card file (TOML/JSON) overriding the encoder's card fields (see `embedstore encoders --card NAME`).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoder batch size.")] = 16,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (0 = inline; default: one per core).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
@@ -162,23 +165,33 @@ def extract(
 
     A study whose decode worker dies (out of memory, crashing decoder) is recorded as worker_died
     and skipped by later runs unless --retry-failed. SIGINT/SIGTERM stop after committing what
-    is embedded (exit 1, one "Error: Interrupted by ..." line).
+    is embedded (exit 1, one "Error: Interrupted by ..." line). With several encoders
+    (--encoder a,b) each runs in turn and gets its own summary line.
     """
-    from embedstore.extract import ExtractConfig, parse_shard
-    from embedstore.extract import extract as extract_
+    from embedstore.encoders import parse_encoder_list
+    from embedstore.extract import ExtractConfig, extract_each, parse_shard
 
-    cfg = ExtractConfig(modality=modality, encoder=encoder, weights=str(weights) if weights else None,
-                        batch_size=batch_size, workers=workers, device=device, where=where,
-                        shard=parse_shard(shard), strict=strict, max_memory=max_memory,
-                        retry_failed=retry_failed, missing_rescale=missing_rescale)
+    cfg = ExtractConfig(modality=modality, weights=str(weights) if weights else None,
+                        card=str(card) if card else None, batch_size=batch_size, workers=workers,
+                        device=device, where=where, shard=parse_shard(shard), strict=strict,
+                        max_memory=max_memory, retry_failed=retry_failed,
+                        missing_rescale=missing_rescale)
     reporter = _reporter(json_out)
-    with reporter.bar(f"extract {cfg.modality}", None) as bar:
-        summary = extract_(store, manifest, cfg, on_progress=lambda s, total: bar.update(
-            s.done + s.cached + s.failed, total=total, status=s))
-    reporter.done(summary)
+    bars, bar = contextlib.ExitStack(), []
+
+    def start(i: int, name: str) -> None:  # one bar per encoder
+        bars.close()
+        bar[:] = [bars.enter_context(reporter.bar(f"extract {cfg.modality} {name}", None))]
+
+    with bars:
+        summaries = extract_each(store, manifest, cfg, parse_encoder_list(encoder), on_start=start,
+                                 on_progress=lambda s, total: bar[0].update(
+                                     s.done + s.cached + s.failed, total=total, status=s))
+    for summary in summaries:
+        reporter.done(summary)
     if json_out:
-        render.print_json(summary)
-    if summary.failed:
+        render.print_json(summaries[0] if len(summaries) == 1 else summaries)
+    if any(s.failed for s in summaries):
         raise typer.Exit(1)
 
 
@@ -230,24 +243,44 @@ def verify(store: StoreArg, json_out: JsonOpt = False) -> None:
 def gc(
     store: StoreArg,
     yes: Annotated[bool, typer.Option("--yes", help="Actually remove (default: dry run listing).")] = False,
+    drop_unreferenced: Annotated[bool, typer.Option("--drop-unreferenced", help="Also remove rows of studies that are not in the current manifest (kept by default).")] = False,
 ) -> None:
-    """Remove superseded or unreferenced embeddings and orphan files (dry run unless --yes)."""
+    """Remove superseded embeddings and orphan files (dry run unless --yes)."""
     from embedstore.store import open_store
 
-    render.gc_report(open_store(store).gc(dry_run=not yes))
+    render.gc_report(open_store(store).gc(dry_run=not yes, drop_unreferenced=drop_unreferenced))
 
 
 @app.command()
 @_user_errors
-def encoders(json_out: JsonOpt = False) -> None:
-    """List the registered frozen encoders."""
-    from embedstore.extract import registered_encoders
+def upgrade(store: StoreArg, json_out: JsonOpt = False) -> None:
+    """Rewrite a schema_version 1 store in place as schema_version 2 (commit logs become Parquet
+    parts; vectors are not copied). Idempotent; needs the store to be idle."""
+    from embedstore.store import upgrade_store
 
-    rows = registered_encoders()
+    rep = upgrade_store(store).to_dict()
     if json_out:
-        render.print_json(rows)
+        render.print_json(rep)
     else:
-        render.encoder_list(rows)
+        render.upgrade_report(store, rep)
+
+
+@app.command()
+@_user_errors
+def encoders(
+    card: Annotated[str | None, typer.Option("--card", metavar="NAME", help="Print the card of this encoder (a registered name or hf:DIR) instead of the list.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the registered frozen encoders, or print one encoder's card."""
+    from embedstore.encoders import encoder_card, registered_encoders
+
+    data: Any = encoder_card(card) if card is not None else registered_encoders()
+    if json_out:
+        render.print_json(data)
+    elif card is not None:
+        render.encoder_card(data)
+    else:
+        render.encoder_list(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +396,7 @@ def eval_(
 def index_build(
     store: StoreArg,
     encoder: Annotated[str, typer.Option(help="Encoder key of the embedding set.")],
-    modality: Annotated[str | None, typer.Option(help="cxr or ctpa (default: the set's own).")] = None,
+    modality: Annotated[Modality | None, typer.Option(case_sensitive=False, help="Modality of the set (default: the set's own).")] = None,
     kind: Annotated[str, typer.Option(help="auto, flat, ivf or hnsw.")] = "auto",
 ) -> None:
     """Build (or verify and reuse) a FAISS index over an embedding set."""
@@ -393,18 +426,47 @@ def neighbors(
 
 @app.command()
 @_user_errors
+def experiment(
+    store: StoreArg,
+    config: Annotated[Path, typer.Option("--config", help="Experiment TOML: arms, label fractions, seeds, compared pairs (see docs/EXPERIMENTS.md).")],
+    workers: Annotated[int | None, typer.Option(help="Cells trained at once (default: CPU count; 0 = in this process).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Every arm x label fraction x seed as ordinary runs, resumable; hierarchical CIs, verdicts, report."""
+    from embedstore.experiment import run_experiment
+
+    res = run_experiment(store, config, workers=workers, reporter=_reporter(json_out))
+    if json_out:
+        render.print_json(res.to_dict())
+    else:
+        render.experiment_result(res)
+
+
+def _number_list(text: str, kind: type, option: str) -> tuple[Any, ...]:
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of "
+                                 f"{kind.__name__}s, e.g. {'0.1,0.5' if kind is float else '4,5,6'}.",
+                                 param_hint=option) from e
+
+
+@app.command()
+@_user_errors
 def demo(
     workdir: Annotated[Path, typer.Argument(help="Working folder (cohort, store, report).")] = Path("demo"),
     patients: Annotated[int | None, typer.Option(help="Cohort size (default 800).")] = None,
     seed: Annotated[int, typer.Option(help="Cohort and training seed.")] = 0,
     label_fraction: Annotated[float, typer.Option(help="Labelled fraction of training patients.")] = 0.25,
     fractions: Annotated[str, typer.Option(help="Label-efficiency curve fractions ('' to skip).")] = "0.1,0.25,0.5,1.0",
+    experiment_seeds: Annotated[str, typer.Option(help="Seeds of the closing multi-seed experiment ('' to skip).")] = "4,5,6",
 ) -> None:
     """The whole pipeline on the built-in synthetic cohort: synth -> extract -> train -> eval."""
     from embedstore.demo import run_demo
 
     res = run_demo(workdir, patients=patients, seed=seed, label_fraction=label_fraction,
-                   fractions=tuple(float(f) for f in fractions.split(",") if f.strip()),
+                   fractions=_number_list(fractions, float, "--fractions"),
+                   experiment_seeds=_number_list(experiment_seeds, int, "--experiment-seeds"),
                    reporter=_reporter())
     render.demo_result(res)
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the renderers take library types; importing them here would
 
     from embedstore.demo import DemoResult
     from embedstore.evaluate import EvalResult
+    from embedstore.experiment import ExperimentResult
     from embedstore.extract import ExtractSummary
     from embedstore.query import QueryResult
     from embedstore.runs import Run
@@ -261,14 +262,31 @@ def verify_report(rep: VerifyReport) -> None:
               "verified, no problems.")
 
 
+def upgrade_report(store: object, rep: dict[str, Any]) -> None:
+    if rep["from_version"] == rep["to_version"]:
+        _line(f"Nothing to do: {store} is already schema_version {rep['to_version']}.")
+    else:
+        _line(f"Upgraded {store} from schema_version {rep['from_version']} to "
+              f"{rep['to_version']}: {rep['rows']} rows in {rep['segments']} segments, "
+              f"{rep['failure_logs']} failure logs.")
+
+
 def gc_report(rep: GcReport) -> None:
+    kept_n = sum(rep.unreferenced_rows.values()) if not rep.drop_unreferenced else 0
+    kept_line = (f"Kept {kept_n} rows of studies that are not in the current manifest "
+                 "(re-attach the manifest that lists them, or pass --drop-unreferenced to remove "
+                 "them).")
     if rep.nothing_to_do:
         _line("Nothing to collect: no superseded rows, unreferenced sets or orphan files.")
+        if kept_n:
+            _line(kept_line)
         return
     d = rep.to_dict()
     items: list[str] = []
     for key, label in (("superseded_rows", "superseded rows"),
                        ("unreferenced_rows", "rows of studies no longer in the manifest")):
+        if key == "unreferenced_rows" and not rep.drop_unreferenced:
+            continue
         for set_name, n in d[key].items():
             if n:
                 items.append(f"{n} {label} in {set_name}")
@@ -278,6 +296,8 @@ def gc_report(rep: GcReport) -> None:
     _line(f"{'Would remove' if rep.dry_run else 'Removed'}:")
     for it in items:
         _line(f"  - {it}")
+    if kept_n:
+        _line(kept_line)
     if rep.dry_run:
         _line("Dry run: nothing was changed. Re-run with --yes to remove them.")
     else:
@@ -285,9 +305,32 @@ def gc_report(rep: GcReport) -> None:
 
 
 def encoder_list(rows: Sequence[Mapping[str, Any]]) -> None:
-    print_table([Col("name", wrap=True), Col("family", wrap=True), Col("params", wrap=True)],
-                [[r["name"], r["family"], json.dumps(r["params"], default=str)] for r in rows],
-                title="registered encoders (random-init unless you pass --weights)", align="center")
+    def card(r: Mapping[str, Any]) -> str:
+        if r.get("modality") is None:
+            return "no card"
+        size = "x".join(str(v) for v in r["input_size"])
+        return f"{r['modality']} {size} -> {r['embed_dim']}" + (
+            "" if r["pretrained"] else ", random init")
+
+    print_table([Col("name", wrap=True), Col("family", wrap=True), Col("card", wrap=True),
+                 Col("params", wrap=True)],
+                [[r["name"], r["family"], card(r), json.dumps(r["params"], default=str)]
+                 for r in rows],
+                title="registered encoders (`embedstore encoders --card NAME` for one card)",
+                align="center")
+
+
+def encoder_card(data: Mapping[str, Any]) -> None:
+    """One encoder's card (``embedstore encoders --card NAME``) as ``field: value`` lines."""
+    card = data["card"]
+    head = f"Card of {data['name']} ({data['family']})"
+    if data.get("derived"):
+        head += ": derived (random-init encoder registered without a card)"
+    typer.echo(head)
+    width = max(len(k) for k in card)
+    for k, v in card.items():
+        text = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+        typer.echo(f"  {k.ljust(width)}  {text}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,8 +399,30 @@ def neighbor_table(study_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
                 title=f"nearest studies to {study_id} (cosine; --json for every column)")
 
 
+def experiment_result(res: ExperimentResult) -> None:
+    arms = res.summary["arms"]
+    fracs = sorted({r["label_fraction"] for r in arms})
+    names = list(dict.fromkeys(r["arm"] for r in arms))
+    cell = {(r["arm"], r["label_fraction"]): r for r in arms}
+    cols = [Col("arm"), *(Col(f"{f:g} labels", right=True) for f in fracs)]
+    rows = [[a, *(f"{cell[a, f]['auc_mean']:.3f} [{cell[a, f]['auc_ci'][0]:.3f}, "
+                  f"{cell[a, f]['auc_ci'][1]:.3f}]" if (a, f) in cell else "-" for f in fracs)]
+            for a in names]
+    n_seeds = arms[0]["n_seeds"] if arms else 0
+    print_table(cols, rows, boxed=False, compact=True,
+                title=f"Experiment {res.experiment_id}: test AUC, mean over {n_seeds} seeds "
+                      "[95 % hierarchical CI: seeds, then patients]")
+    for v in res.summary["verdicts"]:
+        _line(f"  {v}")
+    _line(f"{res.cells_trained} cells trained, {res.cells_reused} reused, {res.seconds:.0f} s. "
+          f"Report: {res.report}")
+
+
 def demo_result(res: DemoResult) -> None:
     eval_result(res.evaluation)
+    if res.experiment is not None:
+        _line("")
+        experiment_result(res.experiment)
     t = res.timings_s
     parts = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k != "total_s")
     _line(f"Results table: {res.results_path}   ({t['total_s']:.0f} s in total: {parts})")

@@ -30,7 +30,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from embedstore._fsio import atomic_write_bytes
+from embedstore._fsio import atomic_path, atomic_write_bytes
 from embedstore.errors import ConfigError
 
 __all__ = [
@@ -113,9 +113,9 @@ def _patient_study(ds: Dataset, patient: SyntheticPatient, when: datetime, study
 
 
 def _atomic_write(ds: Dataset, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    # not fsync'ed: a synthetic cohort is regenerated, not recovered, after a power loss
+    with atomic_path(path, durable=False) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 def write_ct_series(

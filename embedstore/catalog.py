@@ -1,15 +1,18 @@
 """The store's SQL catalog: an in-memory DuckDB connection with views, in a read-only sandbox.
 
-Nothing is persisted: the catalog is rebuilt from the store's files (manifest Parquet, commit
-logs / segment Parquet, failure logs, run folders) whenever they change, so a writer never blocks a
-reader and there is no catalog file to corrupt. Views:
+Nothing is persisted and nothing is copied: the views read the store's Parquet files in place
+(the manifest, the commit parts, the failure parts), so DuckDB pushes filters and projections
+into the scans, and the catalog is rebuilt (new views, same cost) whenever the files change. A
+writer never blocks a reader and there is no catalog file to corrupt. Views:
 
     studies     every manifest column (empty with the required columns if no manifest is attached)
-                (a table loaded from manifest.parquet when the catalog is built)
     embeddings  study_id, patient_id, modality, encoder_key, content_hash, cache_key, row, created_at
+    commits     every committed row, superseded ones included (segment, array_row, crc32, ...)
     pairs       pair_id, patient_id, cxr_study_id, ctpa_study_id, gap_hours, split, label_pe
     failures    study_id, modality, encoder_key, stage, reason, message, created_at, segment
     runs        run_id, kind, created_at, encoder_keys, val_auc, metrics, config (JSON strings)
+    experiments experiment_id, name, created_at, config (JSON), verdicts (finished experiments)
+                (tiny: read from the run folders into a table when the catalog is built)
 
 User SQL passes only if DuckDB parses it as exactly one SELECT statement (WITH/VALUES/DESCRIBE/
 SUMMARIZE/SHOW/FROM-first included); file access is limited to the store folder (DuckDB's
@@ -25,9 +28,14 @@ import threading
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import QueryError, QueryRefusedError
+from embedstore.sql import literal
+from embedstore.store._arrow import from_np, strings
+from embedstore.store.commitlog import FAILURES_SCHEMA
+from embedstore.store.format import DEFAULT_PAIR_MAX_GAP_HOURS
 
 __all__ = [
     "Catalog",
@@ -38,7 +46,6 @@ __all__ = [
     "read_runs",
 ]
 
-DEFAULT_PAIR_MAX_GAP_HOURS = 48.0
 
 EMBEDDINGS_SCHEMA = pa.schema(
     [
@@ -50,18 +57,6 @@ EMBEDDINGS_SCHEMA = pa.schema(
         ("cache_key", pa.string()),
         ("row", pa.int64()),
         ("created_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-FAILURES_SCHEMA = pa.schema(
-    [
-        ("study_id", pa.string()),
-        ("modality", pa.string()),
-        ("encoder_key", pa.string()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("message", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-        ("segment", pa.string()),
     ]
 )
 RUNS_SCHEMA = pa.schema(
@@ -119,8 +114,6 @@ _REFUSALS = {
 }
 
 
-def _quote(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def _pairs_sql(max_gap_hours: float, has_pair_id: bool) -> str:
@@ -190,15 +183,29 @@ def read_runs(runs_dir: Path) -> pa.Table:
                     "config": json.dumps(config, sort_keys=True),
                 }
             )
-    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+    # Built column by column: pa.Table.from_pylist would import pandas (~0.4 s) when installed.
+    keys = [k for r in rows for k in r["encoder_keys"]]
+    offsets = np.cumsum([0] + [len(r["encoder_keys"]) for r in rows]).astype(np.int32)
+    cols = {
+        "run_id": strings([r["run_id"] for r in rows]),
+        "kind": strings([r["kind"] for r in rows]),
+        "created_at": strings([r["created_at"] for r in rows]),
+        "encoder_keys": pa.ListArray.from_arrays(from_np(offsets), strings(keys)),
+        "val_auc": from_np(np.array([r["val_auc"] or 0.0 for r in rows], np.float64),
+                           valid=np.array([r["val_auc"] is not None for r in rows], bool)),
+        "metrics": strings([r["metrics"] for r in rows]),
+        "config": strings([r["config"] for r in rows]),
+    }
+    return pa.Table.from_arrays(list(cols.values()), schema=RUNS_SCHEMA)
 
 
 class Catalog:
     """A sandboxed in-memory DuckDB connection over one store's files.
 
-    ``manifest_path`` (Parquet) backs the ``studies`` view; the other tables are handed in as
-    Arrow tables built by the store. Build one per (memory_limit, threads): the settings are
-    locked once the views exist.
+    ``manifest_path`` (Parquet) backs the ``studies`` view; ``views`` maps view names to SQL over
+    Parquet files inside ``root`` (built by embedstore.store.views); ``tables`` are small Arrow
+    tables copied in (``runs``). Build one per (memory_limit, threads): the settings are locked
+    once the views exist.
     """
 
     def __init__(
@@ -206,9 +213,8 @@ class Catalog:
         root: Path,
         *,
         manifest_path: Path | None,
-        embeddings: pa.Table,
-        failures: pa.Table,
-        runs: pa.Table,
+        views: dict[str, str],
+        tables: dict[str, pa.Table],
         pair_max_gap_hours: float = DEFAULT_PAIR_MAX_GAP_HOURS,
         memory_limit: str = "2GB",
         threads: int = 2,
@@ -229,17 +235,15 @@ class Catalog:
             ) from e
         self._con = con
         self._lock = threading.Lock()
-        for name, table in (("embeddings", embeddings), ("failures", failures), ("runs", runs)):
+        for name, table in tables.items():
             # Copied into DuckDB tables: no Python object stays reachable from user SQL.
             con.register("_src", table)
             con.execute(f"CREATE TABLE {name} AS SELECT * FROM _src")
             con.unregister("_src")
         has_pair_id = False
         if manifest_path is not None and manifest_path.exists():
-            # Loaded once into memory: cohort queries then never re-read the Parquet file.
-            con.execute(
-                f"CREATE TABLE studies AS SELECT * FROM read_parquet({_quote(manifest_path)})"
-            )
+            # A view: each query reads only the manifest columns and row groups it needs.
+            con.execute(f"CREATE VIEW studies AS SELECT * FROM read_parquet({literal(manifest_path)})")
             cols = [r[0] for r in con.execute("DESCRIBE studies").fetchall()]
             has_pair_id = "pair_id" in cols
         else:
@@ -247,9 +251,11 @@ class Catalog:
             con.execute("CREATE TABLE studies AS SELECT * FROM _src")
             con.unregister("_src")
             has_pair_id = True
+        for name, sql in views.items():
+            con.execute(f"CREATE VIEW {name} AS {sql}")
         con.execute(f"CREATE VIEW pairs AS {_pairs_sql(pair_max_gap_hours, has_pair_id)}")
         # Order matters: allowed_directories must be set while external access is still on.
-        con.execute(f"SET allowed_directories = [{_quote(str(self.root) + os.sep)}]")
+        con.execute(f"SET allowed_directories = [{literal(str(self.root) + os.sep)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
 
@@ -300,8 +306,12 @@ class Catalog:
             except duckdb.PermissionException as e:
                 raise QueryRefusedError(
                     f"Refused: the query reads or writes files outside the store {str(self.root)!r} "
-                    f"({e}). Query the views studies, embeddings, pairs, failures, runs instead."
+                    f"({e}). Query the views studies, embeddings, pairs, failures, runs, experiments instead."
                 ) from e
+            except duckdb.IOException as e:
+                # A file a view names vanished: gc merged or compacted parts after the catalog
+                # was built. The store rebuilds the catalog and retries once.
+                raise QueryError(f"SQL error: {e}", reason="files_changed") from e
             except duckdb.OutOfMemoryException as e:
                 raise QueryError(
                     f"Query ran out of its memory limit ({e}); narrow it or raise memory_limit.",

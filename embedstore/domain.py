@@ -1,5 +1,8 @@
 """The domain's words as types: the modalities and splits every layer speaks about.
 
+``Modality`` is defined in ``embedstore.models.domain`` (the lowest layer: encoder cards name it)
+and re-exported here.
+
 A ``StrEnum`` compares and serialises as its value, so ``Modality.CXR == "CXR"`` and the
 values written into manifests, store folders and run configs stay plain strings.
 """
@@ -9,33 +12,9 @@ from __future__ import annotations
 from enum import StrEnum
 
 from embedstore.errors import ConfigError
+from embedstore.models.domain import Modality  # defined below every layer (encoder cards use it)
 
 __all__ = ["Modality", "Split"]
-
-
-class Modality(StrEnum):
-    """An imaging modality of a study (the manifest's ``modality`` column)."""
-
-    CXR = "CXR"  # chest radiograph (the student's input)
-    CTPA = "CTPA"  # CT pulmonary angiogram (the teacher's input)
-
-    @classmethod
-    def parse(cls, value: str | Modality) -> Modality:
-        """``"cxr"``, ``"CXR"`` or ``Modality.CXR`` -> ``Modality.CXR``; ConfigError otherwise."""
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).strip().upper())
-        except ValueError:
-            raise ConfigError(
-                f"Unknown modality {value!r}. Valid: {', '.join(m.value for m in cls)} "
-                "(case does not matter)."
-            ) from None
-
-    @property
-    def input_kind(self) -> str:
-        """What an encoder of this modality takes: a 2-D ``image`` or a 3-D ``volume``."""
-        return "volume" if self is Modality.CTPA else "image"
 
 
 class Split(StrEnum):

@@ -13,6 +13,7 @@ from __future__ import annotations
 # re-exported here, so one ``except EmbedstoreError`` catches every error the project raises.
 from embedstore.models.errors import (
     CheckpointError,
+    ConfigError,
     EmbedstoreError,
     EncoderError,
     ModelError,
@@ -39,10 +40,6 @@ __all__ = [
     "IncompatibleRunError",
     "FaissIndexError",
 ]
-
-
-class ConfigError(EmbedstoreError, ValueError):
-    reason = "bad_config"
 
 
 class ManifestError(EmbedstoreError, ValueError):

@@ -26,6 +26,7 @@ from embedstore.fit import predict_student
 from embedstore.index import retrieval_metrics, shuffled_control
 from embedstore.report import markdown_table, write_html_report
 from embedstore.runs import Run, list_runs, load_run
+from embedstore.sql import literal
 from embedstore.store import Store, open_store
 from embedstore.train import load_model
 
@@ -121,8 +122,8 @@ class _Scored:
 
 def _units(store: Store, split: str) -> _Units:
     t = store.sql(
-        "SELECT cxr_study_id, ctpa_study_id, label_pe FROM pairs WHERE split = "
-        f"'{split}' AND label_pe IS NOT NULL AND cxr_study_id IS NOT NULL "
+        f"SELECT cxr_study_id, ctpa_study_id, label_pe FROM pairs WHERE split = {literal(split)} "
+        "AND label_pe IS NOT NULL AND cxr_study_id IS NOT NULL "
         "AND ctpa_study_id IS NOT NULL ORDER BY ctpa_study_id")
     if t.num_rows == 0:
         raise ConfigError(f"No labelled CXR/CTPA pairs in the {split} split: nothing to evaluate.")

@@ -8,43 +8,40 @@ study it held (``worker_died``) and is replaced; re-runs skip quarantined studie
 ``retry_failed``. SIGINT/SIGTERM stop at the next study: what is embedded is committed, the
 workers are killed, and ``ExtractInterrupted`` is raised. Resume is automatic: a study is skipped
 when its (study_id, source signature) or its cache key is already committed. What is hashed
-(see docs/STORE_FORMAT.md):
-
-    cache_key = sha256(schema_version, content_hash, preprocess fingerprint, encoder fingerprint)
-    content_hash = raw pixel bytes + the geometry / rescale / photometric attributes (dicom.py)
-    encoder fingerprint = encoder spec JSON + sha256 of every weight tensor's bytes
+lives in one module, ``embedstore.identity`` (set key, row cache key, the spec stored with a
+set; docs/STORE_FORMAT.md); the preprocessing comes from the encoder's card. ``content_hash`` =
+raw pixel bytes + the geometry / rescale / photometric attributes (embedstore.dicom).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import signal
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from embedstore import _decode
 from embedstore._pool import DecodePool
 from embedstore.dicom import MISSING_RESCALE_POLICIES, MemoryGate
+from embedstore.domain import Modality
+from embedstore.encoders import resolve_spec
 from embedstore.errors import ConfigError, EmbedstoreError
+from embedstore.identity import preprocess_for, provenance, set_identity
 from embedstore.manifest import Manifest, load_manifest
-from embedstore.models.encoders import (
-    FrozenEncoder,
-    create_encoder,
-    get_encoder_spec,
-    list_encoders,
-)
+from embedstore.models.encoders import FrozenEncoder, create_encoder
 from embedstore.preprocess import PreprocessSpec
-from embedstore.store import Store, make_cache_key, open_store
+from embedstore.store import Store, open_store
+from embedstore.store.lock import Lock
 
 __all__ = [
     "ExtractConfig",
@@ -53,34 +50,16 @@ __all__ = [
     "default_max_memory",
     "parse_bytes",
     "extract",
-    "cache_key",
-    "encoder_store_key",
+    "extract_each",
     "default_encoder",
-    "registered_encoders",
     "parse_shard",
 ]
 
-DEFAULT_ENCODERS = {"CXR": "demo-cxr", "CTPA": "demo-ctpa"}
+DEFAULT_ENCODERS: dict[Modality, str] = {Modality.CXR: "demo-cxr", Modality.CTPA: "demo-ctpa"}
 
 
-def default_encoder(modality: str) -> str:
-    return DEFAULT_ENCODERS[_modality(modality)]
-
-
-def registered_encoders() -> list[dict[str, Any]]:
-    """Name, family and params of every registered encoder, sorted by name."""
-    rows = []
-    for name in list_encoders():
-        spec = get_encoder_spec(name)
-        rows.append({"name": name, "family": spec.family, "params": spec.to_dict().get("params", {})})
-    return rows
-
-
-def _modality(m: str) -> str:
-    up = m.upper()
-    if up not in DEFAULT_ENCODERS:
-        raise ConfigError(f"Unknown modality {m!r}. Valid: cxr, ctpa.")
-    return up
+def default_encoder(modality: str | Modality) -> str:
+    return DEFAULT_ENCODERS[Modality.parse(modality)]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -166,25 +145,14 @@ class ExtractInterrupted(EmbedstoreError, KeyboardInterrupt):
         self.summary, self.signum = summary, signum
 
 
-def cache_key(content_hash: str, preprocess_fp: str, encoder_fp: str) -> str:
-    """The per-row cache key (see ``store.make_cache_key``)."""
-    return make_cache_key(content_hash=content_hash, preprocess=preprocess_fp,
-                          encoder_fingerprint=encoder_fp)
-
-
-def encoder_store_key(encoder: FrozenEncoder, preprocess: PreprocessSpec) -> str:
-    """The store's name for (encoder, weights, preprocessing): ``<name>-<10 hex>``."""
-    fp = hashlib.sha256((encoder.fingerprint() + preprocess.fingerprint()).encode()).hexdigest()
-    return f"{encoder.spec.name}-{fp[:10]}"
-
-
 @dataclass(frozen=True)
 class ExtractConfig:
     """Everything ``embedstore extract`` accepts."""
 
-    modality: str
-    encoder: str | None = None  # registry name; None -> the demo encoder of the modality
+    modality: Modality
+    encoder: str | None = None  # registry name or hf:PATH; None -> the modality's demo encoder
     weights: str | None = None  # local weights file for the encoder
+    card: str | None = None  # card file (TOML/JSON) overriding the encoder's card
     batch_size: int = 16
     workers: int | None = None  # decode processes; None -> one per core (decoding is the slow stage)
     device: str = "auto"
@@ -199,7 +167,7 @@ class ExtractConfig:
     missing_rescale: str = "refuse"  # CT slices without rescale: refuse | assume-1024 | assume-0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "modality", _modality(self.modality))
+        object.__setattr__(self, "modality", Modality.parse(self.modality))
         mem = default_max_memory() if self.max_memory is None else parse_bytes(self.max_memory)
         object.__setattr__(self, "max_memory", mem)
         if self.missing_rescale not in MISSING_RESCALE_POLICIES:
@@ -324,11 +292,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _preprocess_for(encoder: FrozenEncoder, modality: str) -> PreprocessSpec:
-    size = tuple(int(x) for x in encoder.input_size)
-    if modality == "CTPA":
-        return PreprocessSpec(modality="CTPA", ct_shape=size)  # type: ignore[arg-type]
-    return PreprocessSpec(modality="CXR", cxr_size=size)  # type: ignore[arg-type]
+def _preprocess_for(encoder: FrozenEncoder, modality: Modality) -> PreprocessSpec:
+    return preprocess_for(encoder, modality)  # from the encoder's card (embedstore.identity)
 
 
 def _select_rows(
@@ -372,39 +337,64 @@ def _extract(
     t0 = time.perf_counter()
     manifest = load_manifest(manifest_path, check_paths=False)
     store = open_store(store_path, create=True)
+    scope = None if cfg.shard is None else f"shard-{cfg.shard[0]}-of-{cfg.shard[1]}"
+    # The lock first: a command that is refused (another writer holds the store) or fails
+    # before writing must leave the store as it was, its manifest included.
+    lock = Lock(store.root, scope).acquire()
+    try:
+        _attach_manifest(store, manifest, scope)
+        return _extract_locked(store, manifest, cfg, on_progress, stop, t0, scope)
+    finally:
+        lock.release()
+
+
+def _attach_manifest(store: Store, manifest: Manifest, scope: str | None) -> None:
+    """Shards of one extraction share the store lock: none of them may swap the manifest that
+    the others are extracting from."""
+    if scope is not None and store.manifest_path.exists():
+        import pyarrow.parquet as pq
+
+        def canon(t: pa.Table) -> pa.Table:
+            return t.replace_schema_metadata(None).sort_by("study_id")
+
+        if not canon(pq.read_table(store.manifest_path)).equals(canon(manifest.table)):
+            raise ConfigError(
+                f"--shard {scope}: the store's manifest differs from the one given. Every shard "
+                "of one extraction must use the same manifest; run the shards with that one, or "
+                "extract without --shard to replace it.")
+        return
     store.attach_manifest(manifest.table)
+
+
+def _extract_locked(store: Store, manifest: Manifest, cfg: ExtractConfig,
+                    on_progress: Callable[[ExtractSummary, int], None] | None, stop: _Stop,
+                    t0: float, scope: str | None) -> ExtractSummary:
     device = _device(cfg.device)
-    encoder = create_encoder(cfg.encoder or default_encoder(cfg.modality), weights=cfg.weights,
-                             device=str(device))
-    if encoder.input_kind != ("volume" if cfg.modality == "CTPA" else "image"):
+    spec_ = resolve_spec(cfg.encoder or default_encoder(cfg.modality), weights=cfg.weights,
+                         card_file=cfg.card)
+    encoder = create_encoder(spec_, device=str(device))
+    if encoder.input_kind != cfg.modality.input_kind:
         raise ConfigError(
             f"Encoder {encoder.spec.name!r} takes {encoder.input_kind} input, which does not fit "
-            f"modality {cfg.modality}. Use a {'volume' if cfg.modality == 'CTPA' else 'image'} encoder."
+            f"modality {cfg.modality}. Use a {cfg.modality.input_kind} encoder."
         )
     pp = _preprocess_for(encoder, cfg.modality)
-    key = encoder_store_key(encoder, pp)
+    ident = set_identity(encoder, pp)
+    key = ident.set_key
     summary = ExtractSummary(modality=cfg.modality, encoder_key=key)
     if stop.signum is not None:
         raise _interrupted(summary, stop.signum)
     rows = _select_rows(store, manifest, cfg)
     summary.selected = len(rows)
-    spec = {
-        "encoder": encoder.spec.to_dict(),
-        "encoder_fingerprint": encoder.fingerprint(),
-        "weights_hash": encoder.weights_hash(),
-        "preprocess": pp.to_dict(),
-        "preprocess_fingerprint": pp.fingerprint(),
-        "modality": cfg.modality,
-        "embed_dim": encoder.embed_dim,
-    }
-    scope = None if cfg.shard is None else f"shard-{cfg.shard[0]}-of-{cfg.shard[1]}"
+    spec = ident.spec(provenance(manifest_fingerprint=manifest.fingerprint,
+                                 weights=encoder.spec.weights))
     patient_of = {str(r["study_id"]): str(r["patient_id"]) for r in rows}
     quarantined = set() if cfg.retry_failed else _quarantined(store, cfg.modality, key)
     with store.writer(cfg.modality, key, dim=encoder.embed_dim, spec=spec, capacity=len(rows),
                       lock_scope=scope) as w:
         from embedstore.dicom import source_signature
 
-        done_sources = w.committed_sources()
+        done_sources = w.committed_sources(patient_of)  # those studies only, read on disk
         todo: list[tuple[str, str, str]] = []
         sigs: dict[str, str | None] = {}
         for r in rows:
@@ -470,8 +460,8 @@ def _run_pipeline(
         # started now, so the workers' imports overlap the rest of the set-up
         pool = DecodePool(min(n_workers, len(todo)), init, budget=budget,
                           max_in_flight=in_flight)
-    committed = w.committed_keys()
-    pp_fp, enc_fp = pp.fingerprint(), encoder.fingerprint()
+    committed = w.committed_keys(t[0] for t in todo)  # keys of these studies, read on disk
+    ident = set_identity(encoder, pp)
     threads = torch.get_num_threads()
     if n_workers and device.type == "cpu":
         # The decode workers hold the other cores: more encoder threads than the cores left
@@ -501,7 +491,7 @@ def _run_pipeline(
         for res in pool.map(todo, lambda: stop.signum is not None):
             status = res["status"]
             if status == "ok":
-                res["cache_key"] = cache_key(res["content_hash"], pp_fp, enc_fp)
+                res["cache_key"] = ident.row_key(res["content_hash"])
                 if res["cache_key"] in committed:  # moved or renamed, same content: reuse
                     status = "cached"
             if status == "ok":
@@ -543,3 +533,33 @@ def _run_pipeline(
     if stop.signum is not None:
         raise _interrupted(summary, stop.signum)
 
+
+
+def extract_each(
+    store_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    cfg: ExtractConfig,
+    encoders: Sequence[str | None],
+    *,
+    on_start: Callable[[int, str], None] | None = None,
+    on_progress: Callable[[ExtractSummary, int], None] | None = None,
+) -> list[ExtractSummary]:
+    """``extract`` once per encoder, in turn, into the same store: one summary per encoder.
+
+    Each encoder makes its own pass over the manifest (the decode is not shared: each encoder's
+    card may ask for other preprocessing). ``on_start(i, name)`` is called before encoder ``i``.
+    A failure to set up one encoder (unknown name, bad card) stops before any other runs.
+    """
+    if len(encoders) > 1 and (cfg.weights or cfg.card):
+        raise ConfigError("--weights and --card apply to one encoder; give a single --encoder "
+                          "with them (run extract once per encoder that needs its own).")
+    for name in encoders:  # fail early: every name resolves before anything is embedded
+        resolve_spec(name or default_encoder(cfg.modality), weights=cfg.weights,
+                     card_file=cfg.card)
+    out = []
+    for i, name in enumerate(encoders):
+        if on_start:
+            on_start(i, name or default_encoder(cfg.modality))
+        out.append(extract(store_path, manifest_path, replace(cfg, encoder=name),
+                           on_progress=on_progress))
+    return out

@@ -26,6 +26,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import ConfigError, FaissIndexError
 
 __all__ = [
@@ -104,15 +105,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -390,7 +382,7 @@ def save_index(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = faiss.serialize_index(index._cpu_index())  # (bytes,) uint8
-    _atomic_write(path, blob.tobytes())
+    atomic_write_bytes(path, blob.tobytes())
     side = {
         "schema_version": INDEX_SCHEMA_VERSION,
         "format": "faiss.serialize_index",
@@ -408,7 +400,7 @@ def save_index(
         text = json.dumps(side, indent=1, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"Index meta must be JSON-serialisable: {e}", reason="bad_config") from e
-    _atomic_write(sidecar_path(path), text.encode())
+    atomic_write_bytes(sidecar_path(path), text.encode())
     index.source_checksum = source_checksum
     return path
 

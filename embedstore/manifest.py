@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from embedstore._fsio import atomic_path
+from embedstore.domain import Modality
 from embedstore.errors import ManifestError
 from embedstore.pseudonym import load_pseudonym_key, pseudonymise
 
@@ -57,7 +59,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "label_pe",
     "split",
 )
-MODALITIES: tuple[str, ...] = ("CXR", "CTPA")
+MODALITIES: tuple[Modality, ...] = tuple(Modality)  # the values of the enum, for old imports
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 METADATA_KEY = b"embedstore.manifest"
 
@@ -167,10 +169,10 @@ class Manifest:
         p = Path(path)
         return p if p.is_absolute() else self.base_dir / p
 
-    def rows(self, modality: str | None = None) -> list[dict[str, object]]:
+    def rows(self, modality: str | Modality | None = None) -> list[dict[str, object]]:
         t = self.table
         if modality is not None:
-            t = t.filter(pc.equal(t["modality"], modality.upper()))
+            t = t.filter(pc.equal(t["modality"], Modality.parse(modality).value))
         return t.to_pylist()
 
     @property
@@ -213,9 +215,10 @@ def validate_manifest(
             )
         seen[sid] = i
     for i, m in enumerate(table["modality"].to_pylist()):
-        if m not in MODALITIES:
+        if m not in {x.value for x in Modality}:
             raise ManifestError(
-                f"{_row_name(table, i)}: unknown modality {m!r}. Valid: {list(MODALITIES)}."
+                f"{_row_name(table, i)}: unknown modality {m!r}. Valid: "
+                f"{[x.value for x in Modality]}."
             )
     split_of: dict[str, tuple[str, int]] = {}
     for i, (pid, s) in enumerate(
@@ -282,12 +285,10 @@ def write_manifest(
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     out.mkdir(parents=True, exist_ok=True)
     pq_path = out / f"{name}.parquet"
-    tmp = pq_path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, pq_path)
-    csv_tmp = out / f"{name}.csv.tmp"
-    pacsv.write_csv(table.replace_schema_metadata(None), csv_tmp)
-    os.replace(csv_tmp, out / f"{name}.csv")
+    with atomic_path(pq_path) as tmp:
+        pq.write_table(table, tmp)
+    with atomic_path(out / f"{name}.csv") as tmp:
+        pacsv.write_csv(table.replace_schema_metadata(None), tmp)
     return pq_path
 
 

@@ -13,7 +13,11 @@ Decisions (docs/DICOM.md):
 * CT with ``ct_spacing``: resampled to that spacing about the volume centre, then center-cropped
   or padded with -1024 HU (air) to ``ct_shape``; anatomy keeps its physical size.
 * CXR: ``cxr_resize="pad"`` (default) keeps the aspect ratio (antialiased bilinear) and pads
-  with 0 (black) to ``cxr_size``; ``"stretch"`` resizes straight to ``cxr_size``.
+  with 0 (black) to ``cxr_size``; ``"stretch"`` resizes straight to ``cxr_size``; ``"crop"``
+  keeps the aspect ratio, covers ``cxr_size`` and center-crops (CLIP-style processors).
+
+Extraction builds the spec from the encoder's card (``PreprocessSpec.for_card``), never from a
+default: what a pretrained encoder was trained with is written on its card.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +40,11 @@ from embedstore.dicom import (
     read_study,
     source_signature,
 )
+from embedstore.domain import Modality
 from embedstore.errors import ConfigError
+
+if TYPE_CHECKING:  # the decode workers import this module: keep the encoder stack out of them
+    from embedstore.models.encoders import EncoderCard
 
 # torch is imported only by preprocess_cxr: a CT decode worker without it stays ~0.6 GB smaller
 # (measured: importing torch alone takes 714 MB RSS here, 4.5x a 300-slice 512x512 series).
@@ -54,7 +62,7 @@ __all__ = [
 PREPROCESS_VERSION = 1
 AIR_HU = -1024.0
 _MAX_SIDE = 4096
-_MODALITIES = ("CXR", "CTPA")
+_CXR_RESIZE = ("pad", "stretch", "crop")
 _CXR_FIELDS = ("cxr_size", "cxr_resize")
 _CT_FIELDS = ("ct_shape", "ct_spacing", "ct_clip", "ct_antialias")
 
@@ -87,7 +95,7 @@ def _float_tuple(value: Any, n: int, name: str, *, positive: bool) -> tuple[floa
 class PreprocessSpec:
     """How a study becomes the array an encoder sees (validated when built, JSON round trip)."""
 
-    modality: str
+    modality: Modality
     cxr_size: tuple[int, int] = (224, 224)  # (H, W)
     cxr_resize: str = "pad"  # "pad" (keep aspect, pad black) | "stretch"
     ct_shape: tuple[int, int, int] = (64, 128, 128)  # (S, H, W)
@@ -97,18 +105,17 @@ class PreprocessSpec:
     version: int = field(default=PREPROCESS_VERSION)
 
     def __post_init__(self) -> None:
-        modality = str(self.modality).upper()
-        if modality not in _MODALITIES:
-            raise ConfigError(
-                f"PreprocessSpec.modality must be one of {list(_MODALITIES)}, got "
-                f"{self.modality!r}."
-            )
+        try:
+            modality = Modality.parse(self.modality)
+        except ConfigError as e:
+            raise ConfigError(f"PreprocessSpec.modality: {e}") from None
         object.__setattr__(self, "modality", modality)
         object.__setattr__(self, "cxr_size", _int_tuple(self.cxr_size, 2, "cxr_size"))
         object.__setattr__(self, "ct_shape", _int_tuple(self.ct_shape, 3, "ct_shape"))
-        if self.cxr_resize not in ("pad", "stretch"):
+        if self.cxr_resize not in _CXR_RESIZE:
             raise ConfigError(
-                f"PreprocessSpec.cxr_resize must be 'pad' or 'stretch', got {self.cxr_resize!r}."
+                f"PreprocessSpec.cxr_resize must be one of {', '.join(_CXR_RESIZE)}, got "
+                f"{self.cxr_resize!r}."
             )
         if self.ct_spacing is not None:
             sp = _float_tuple(self.ct_spacing, 3, "ct_spacing", positive=True)
@@ -131,11 +138,22 @@ class PreprocessSpec:
                 f"(it writes version {PREPROCESS_VERSION}); re-extract with this version."
             )
 
+    @classmethod
+    def for_card(cls, card: EncoderCard) -> PreprocessSpec:
+        """The preprocessing an encoder's card asks for (the only way extraction builds one)."""
+        if card.modality is Modality.CTPA:
+            return cls(modality=Modality.CTPA, ct_shape=card.input_size,  # type: ignore[arg-type]
+                       ct_spacing=card.spacing_mm if card.resize == "spacing" else None,
+                       ct_clip=card.hu_clip, ct_antialias=card.antialias)
+        return cls(modality=Modality.CXR, cxr_size=card.input_size,  # type: ignore[arg-type]
+                   cxr_resize=card.resize)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        d["modality"] = self.modality.value
         return d
 
     @classmethod
@@ -170,7 +188,7 @@ class PreprocessSpec:
     def fingerprint(self) -> str:
         """sha256 hex of the canonical JSON of the fields that matter for this modality."""
         d = self.to_dict()
-        relevant = _CXR_FIELDS if self.modality == "CXR" else _CT_FIELDS
+        relevant = _CXR_FIELDS if self.modality is Modality.CXR else _CT_FIELDS
         payload = {k: d[k] for k in ("modality", "version", *relevant)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -268,8 +286,8 @@ def preprocess_ct(vol: CTVolume | StoredCT, spec: PreprocessSpec) -> np.ndarray:
     Works slab by slab in float32: besides its input, it holds the block-mean'd volume (if
     any), one slab and the output, never a float copy of a full-size series.
     """
-    if spec.modality != "CTPA":
-        raise ConfigError(f"preprocess_ct needs a CTPA spec, got modality {spec.modality!r}.")
+    if spec.modality is not Modality.CTPA:
+        raise ConfigError(f"preprocess_ct needs a CTPA spec, got modality {str(spec.modality)!r}.")
     plan = _ct_plan(vol.shape, vol.spacing, spec)
     fresh = isinstance(vol, StoredCT)
     if plan.identity:
@@ -321,7 +339,7 @@ def working_bytes(
 ) -> int:
     """Bytes ``preprocess_ct`` / ``preprocess_cxr`` allocate for an input of ``shape`` (the
     output counted twice: the decode worker also pickles it for the parent)."""
-    if spec.modality == "CXR":
+    if spec.modality is Modality.CXR:
         h, w = spec.cxr_size
         return 3 * h * w * 4 + (int(np.prod(shape)) * 4 if len(shape) == 2 else 0)
     out = int(np.prod(spec.ct_shape)) * 4
@@ -336,8 +354,8 @@ def working_bytes(
 
 def preprocess_cxr(rad: Radiograph, spec: PreprocessSpec) -> np.ndarray:
     """Radiograph in [0, 1] -> ``spec.cxr_size`` float32 in [0, 1] (pad or stretch)."""
-    if spec.modality != "CXR":
-        raise ConfigError(f"preprocess_cxr needs a CXR spec, got modality {spec.modality!r}.")
+    if spec.modality is not Modality.CXR:
+        raise ConfigError(f"preprocess_cxr needs a CXR spec, got modality {str(spec.modality)!r}.")
     import torch
     import torch.nn.functional as F
 
@@ -346,13 +364,19 @@ def preprocess_cxr(rad: Radiograph, spec: PreprocessSpec) -> np.ndarray:
     h, w = rad.pixels.shape
     if spec.cxr_resize == "stretch":
         new_h, new_w = out_h, out_w
-    else:
-        ratio = min(out_h / h, out_w / w)
+    else:  # pad: fit inside; crop: cover, then cut the overhang evenly
+        ratio = (min if spec.cxr_resize == "pad" else max)(out_h / h, out_w / w)
         new_h, new_w = max(1, round(h * ratio)), max(1, round(w * ratio))
+        if spec.cxr_resize == "crop":
+            new_h, new_w = max(new_h, out_h), max(new_w, out_w)
     # antialias only matters when shrinking; bilinear keeps [0, 1] up to rounding
     resized = F.interpolate(
         img, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
     )  # (1, 1, h', w')
+    if spec.cxr_resize == "crop":
+        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+        out = resized[0, 0, top : top + out_h, left : left + out_w].contiguous()
+        return out.clamp_(0.0, 1.0).numpy()  # (H, W)
     out = torch.zeros((out_h, out_w), dtype=torch.float32)
     top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
     out[top : top + new_h, left : left + new_w] = resized[0, 0]
@@ -388,7 +412,7 @@ class _PreprocessGate(MemoryGate):
 
 def load_study(
     path: str | os.PathLike[str],
-    modality: str,
+    modality: str | Modality,
     spec: PreprocessSpec,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -402,8 +426,8 @@ def load_study(
     before anything is allocated. Raises DicomError (reason codes in docs/DICOM.md) or
     ConfigError for a modality mismatch.
     """
-    m = str(modality).upper()
-    if m != spec.modality:
+    m = Modality.parse(modality)
+    if m is not spec.modality:
         raise ConfigError(
             f"load_study got modality {modality!r} but a {spec.modality} preprocessing spec."
         )

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import ConfigError
 
 __all__ = ["write_html_report", "markdown_table", "format_cell"]
@@ -205,7 +206,5 @@ def write_html_report(
     parts.append("</body></html>")
     doc = "\n".join(parts) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, doc.encode("utf-8"))
     return path

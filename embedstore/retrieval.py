@@ -8,6 +8,7 @@ from typing import Any
 
 from embedstore.errors import ConfigError, StoreFormatError
 from embedstore.index import EmbeddingIndex, get_or_build_index
+from embedstore.sql import literal
 from embedstore.store import Store, open_store
 
 __all__ = ["resolve_set", "store_index", "build_store_index", "neighbors"]
@@ -57,7 +58,7 @@ def neighbors(store_path: str | os.PathLike[str], study_id: str, *, k: int = 10,
     store = open_store(store_path)
     found = store.sql(
         "SELECT DISTINCT modality, encoder_key FROM embeddings WHERE study_id = "
-        + _sql_str(study_id))
+        + literal(study_id))
     options = [(m, e) for m, e in zip(found["modality"].to_pylist(), found["encoder_key"].to_pylist(),
                                        strict=True) if encoder_key in (None, e)]
     if not options:
@@ -73,12 +74,10 @@ def neighbors(store_path: str | os.PathLike[str], study_id: str, *, k: int = 10,
     hits = [(ids[p], float(s)) for p, s in zip(pos[0], scores[0], strict=True)
             if p >= 0 and ids[p] != study_id][:k]
     meta = {r["study_id"]: r for r in store.sql(
-        "SELECT * FROM studies WHERE study_id IN (" + ",".join(_sql_str(h) for h, _ in hits) + ")"
+        "SELECT * FROM studies WHERE study_id IN (" + ",".join(literal(h) for h, _ in hits) + ")"
     ).to_pylist()} if hits else {}
     return [{"rank": i + 1, "study_id": h, "cosine": round(s, 4), **{
         c: v for c, v in meta.get(h, {}).items() if c not in ("study_id", "path")}}
         for i, (h, s) in enumerate(hits)]
 
 
-def _sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import CheckpointError, IncompatibleRunError, RunNotFoundError
 
 __all__ = ["RUN_KINDS", "Run", "RunWriter", "list_runs", "load_run", "provenance"]
@@ -142,9 +143,8 @@ class RunWriter:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True,
+                                        default=_json_default).encode())
 
 
 def _json_default(o: Any) -> Any:

@@ -36,6 +36,7 @@ from embedstore._dicomwrite import (
     write_ct_series,
     write_radiograph,
 )
+from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import ConfigError
 from embedstore.manifest import assign_splits, load_manifest, write_manifest
 from embedstore.phantom import PHANTOM_VERSION, PhantomSpec, generate_case, patient_rng, window
@@ -232,9 +233,7 @@ def synthesize_cohort(
     ident = _identity(seed, spec)
     _check_out_dir(out, ident)
     (out / "dicom").mkdir(parents=True, exist_ok=True)
-    marker_tmp = out / (MARKER + ".tmp")
-    marker_tmp.write_text(json.dumps(ident, sort_keys=True, indent=1))
-    os.replace(marker_tmp, out / MARKER)
+    atomic_write_bytes(out / MARKER, json.dumps(ident, sort_keys=True, indent=1).encode())
     for stale in (out / "dicom").glob(".tmp-*"):  # left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -40,6 +40,7 @@ from embedstore.models.heads import HeadConfig, create_head
 from embedstore.models.prior import DiffusionPrior, PriorConfig
 from embedstore.progress import Bar, Reporter, reporter_or_null
 from embedstore.runs import Run, RunWriter, load_run
+from embedstore.sql import conjoin, literal
 from embedstore.store import Store, open_store
 
 __all__ = [
@@ -65,8 +66,6 @@ _PRIOR_FIELDS = {f.name for f in dataclasses.fields(PriorTrainConfig)}
 # ---------------------------------------------------------------------------------------------
 
 
-def _q(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 def resolve_encoder(store: Store, modality: str, key: str | None) -> str:
@@ -99,15 +98,14 @@ class _Split:
 def _studies(store: Store, split: str, where: str | None) -> dict[str, dict[str, Any]]:
     if split not in ("train", "val"):  # training never reads the test split
         raise ValueError(f"training may only read train/val, not {split!r}")
-    sql = f"SELECT study_id, patient_id, label_pe FROM studies WHERE split = {_q(split)}"
-    if where:
-        sql += f" AND ({where})"
+    sql = ("SELECT study_id, patient_id, label_pe FROM studies WHERE "
+           + conjoin(f"split = {literal(split)}", where))
     return {r["study_id"]: r for r in store.sql(sql).to_pylist()}
 
 
 def _load_split(store: Store, modality: str, key: str, split: str, where: str | None) -> _Split:
     rows = _studies(store, split, where)
-    pred = f"split = {_q(split)}" + (f" AND ({where})" if where else "")
+    pred = conjoin(f"split = {literal(split)}", where)
     es = store.load(modality, key, where=pred)
     sids = [str(s) for s in es.meta["study_id"].to_pylist()]
     keep = [i for i, s in enumerate(sids) if s in rows]
@@ -129,7 +127,7 @@ def _labelled_mask(split: _Split, fraction: float, seed: int) -> np.ndarray:
 def _pairs(store: Store, split: str, where: str | None) -> list[tuple[str, str]]:
     if split not in ("train", "val"):
         raise ValueError(f"training may only read train/val, not {split!r}")
-    sql = (f"SELECT cxr_study_id, ctpa_study_id FROM pairs WHERE split = {_q(split)} "
+    sql = (f"SELECT cxr_study_id, ctpa_study_id FROM pairs WHERE split = {literal(split)} "
            "AND cxr_study_id IS NOT NULL AND ctpa_study_id IS NOT NULL")
     if where:
         sql += f" AND ctpa_study_id IN (SELECT study_id FROM studies WHERE {where})"

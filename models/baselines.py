@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import torch
-from embedstore.models.heads import ModelConfigError
+from embedstore.models.heads import STD_FLOOR, ModelConfigError
 from torch import nn
 
 __all__ = ["RidgeRegression", "MLPRegressor"]
 
-_STD_FLOOR = 1e-6
 
 
 class RidgeRegression(nn.Module):
@@ -44,7 +43,7 @@ class RidgeRegression(nn.Module):
             )
         xd = x.to(torch.float64)
         yd = y2.to(torch.float64)
-        mean, std = xd.mean(0), xd.std(0).clamp_min(_STD_FLOOR)  # (Dx,)
+        mean, std = xd.mean(0), xd.std(0).clamp_min(STD_FLOOR)  # (Dx,)
         xs = (xd - mean) / std  # (N, Dx)
         y_mean = yd.mean(0)  # (Dy,)
         yc = yd - y_mean  # (N, Dy)
@@ -94,9 +93,9 @@ class MLPRegressor(nn.Module):
     def set_standardizer(self, x_train: torch.Tensor, y_train: torch.Tensor) -> None:
         """Store training-split mean/std of inputs and targets (the net works in z-units)."""
         self.x_mean.copy_(x_train.float().mean(0))
-        self.x_std.copy_(x_train.float().std(0).clamp_min(_STD_FLOOR))
+        self.x_std.copy_(x_train.float().std(0).clamp_min(STD_FLOOR))
         self.y_mean.copy_(y_train.float().mean(0))
-        self.y_std.copy_(y_train.float().std(0).clamp_min(_STD_FLOOR))
+        self.y_std.copy_(y_train.float().std(0).clamp_min(STD_FLOOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net((x - self.x_mean) / self.x_std)  # (N, Dy) standardised

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "EmbedstoreError",
+    "ConfigError",
     "ModelError",
     "EncoderError",
     "UnknownEncoderError",
@@ -33,6 +34,13 @@ class EmbedstoreError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(EmbedstoreError, ValueError):
+    """A bad option, spec or setting (defined here so the domain types below every layer can
+    raise it; ``embedstore.errors`` re-exports it)."""
+
+    reason = "bad_config"
 
 
 class ModelError(EmbedstoreError):

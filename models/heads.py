@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 HEAD_KINDS = ("linear", "mlp")
-_STD_FLOOR = 1e-6  # constant embedding dimensions would otherwise divide by zero
+STD_FLOOR = 1e-6  # every standardiser's floor: constant dimensions would divide by zero
 
 
 class ModelConfigError(ModelError, ValueError):
@@ -109,7 +109,7 @@ class _StandardizedHead(nn.Module):
             )
         x = x_train.to(self.mean.device, torch.float32)
         self.mean.copy_(x.mean(0))  # (D,)
-        self.std.copy_(x.std(0).clamp_min(_STD_FLOOR))  # (D,)
+        self.std.copy_(x.std(0).clamp_min(STD_FLOOR))  # (D,)
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from embedstore.models.heads import ModelConfigError, _check, _JsonConfig
+from embedstore.models.heads import STD_FLOOR, ModelConfigError, _check, _JsonConfig
 from torch import nn
 
 __all__ = [
@@ -34,7 +34,6 @@ PRIOR_ARCHS = ("mlp", "transformer")
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SCHEDULER_KINDS = ("ddpm", "ddim")
-_STD_FLOOR = 1e-6
 # min-SNR gamma for epsilon prediction: the x0 error of an eps-model is SNR^-1/2 times its eps error,
 # which explodes near t = T (alpha_bar ~ 1e-9 with the cosine schedule); see loss_weight().
 _MIN_SNR_GAMMA = 5.0
@@ -262,7 +261,7 @@ class DiffusionPrior(nn.Module):
                 )
             x = x.to(self.cond_mean.device, torch.float32)
             getattr(self, f"{name}_mean").copy_(x.mean(0))
-            getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(_STD_FLOOR))
+            getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(STD_FLOOR))
         if self.config.mean_model == "ridge":
             self._fit_ridge_mean(self.standardize_cond(cond_train.to(self.cond_mean)),
                                  self.standardize_target(target_train.to(self.cond_mean)))

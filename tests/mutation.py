@@ -1,6 +1,9 @@
 """Mutation testing of chosen modules with mutmut (a developer tool; `make mutation`).
 
-Usage:  python tests/mutation.py [GLOB ...]      (default: the modules docs/TESTING.md lists)
+Usage:  python tests/mutation.py [-j N] [GLOB ...]
+
+N mutants run in parallel (default 2); GLOB defaults to the modules docs/TESTING.md lists. The
+test set is the fast suite (not slow, not gpu).
 
 Copies the tracked files of the checkout into a scratch folder, writes a ``[tool.mutmut]``
 section that mutates only the given files, runs ``mutmut run`` there (its progress goes to
@@ -26,6 +29,9 @@ DEFAULT = ["embedstore/store/*", "embedstore/extract.py", "embedstore/train.py",
 
 
 def main(argv: list[str]) -> int:
+    children = 2
+    if argv[:1] == ["-j"]:
+        children, argv = int(argv[1]), argv[2:]
     patterns = argv or DEFAULT
     work = Path(tempfile.mkdtemp(prefix="embedstore-mutation-"))
     files = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True,
@@ -42,12 +48,17 @@ def main(argv: list[str]) -> int:
             f"only_mutate = [{quoted}]\n"
             'also_copy = ["models/", "cli/", "data_manifests/", "docs/", "README.md", '
             '"benchmarks/"]\n'
-            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-m", "not slow and not gpu", '
+            '"--deselect", '
+            '"tests/test_layering.py::test_installed_layout_has_no_generic_top_level_packages"]\n'
+            'pytest_add_cli_args_test_selection = ["-m", "not slow and not gpu", "tests/"]\n'
         )
+    # (the deselected test checks where the *installed* package lives, which is the checkout,
+    # not mutmut's copy; every other test runs against the mutated copy)
     mutmut = Path(sys.executable).with_name("mutmut")
     print(f"mutating {patterns} in {work} (log: {work / 'mutmut.log'}) ...", flush=True)
     with open(work / "mutmut.log", "w") as log:
-        subprocess.run([str(mutmut), "run"], cwd=work, stdout=log, stderr=subprocess.STDOUT,
+        subprocess.run([str(mutmut), "run", "--max-children", str(children)], cwd=work, stdout=log, stderr=subprocess.STDOUT,
                        check=False)
     res = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=work,
                          capture_output=True, text=True, check=False).stdout

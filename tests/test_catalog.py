@@ -235,3 +235,13 @@ def test_where_injection_is_still_sandboxed(store):
     with pytest.raises(QueryRefusedError, match="2 statements"):
         store.load("CXR", "enc", where="true; DROP VIEW studies")
     assert len(store.load("CXR", "enc", where="age > 60")) == 2
+
+
+def test_sql_helpers_quote_and_conjoin() -> None:
+    from embedstore.sql import conjoin, literal
+
+    assert literal("O'Brien") == "'O''Brien'"
+    # a user's OR stays inside its parentheses
+    assert conjoin("split = 'train'", None, "", "age > 60 OR sex = 'F'") == \
+        "(split = 'train') AND (age > 60 OR sex = 'F')"
+    assert conjoin() == "TRUE"

@@ -18,6 +18,7 @@ import pytest
 import torch
 from embedstore.models.encoders import (
     DEFAULT_WINDOWS,
+    EncoderCard,
     EncoderSpec,
     FrozenEncoder,
     apply_windows,
@@ -110,7 +111,16 @@ class TestEncoderContract:
         with torch.no_grad():
             p.view(-1)[0] = orig
         assert enc.weights_hash() == h0 and enc.fingerprint() == f0
-        assert enc.key() == f"{name}-{f0[:8]}"
+
+    def test_card_matches_the_encoder_and_enters_the_fingerprint(self, name: str) -> None:
+        spec = get_encoder_spec(name)
+        assert spec.card is not None, f"{name} is registered without a card"
+        assert EncoderCard.from_json(spec.card.to_json()) == spec.card
+        enc = create_encoder(spec)  # create_encoder checks the card against the encoder
+        assert spec.card.embed_dim == enc.embed_dim
+        assert tuple(spec.card.input_size) == enc.input_size
+        other = replace(spec, card=spec.card.with_overrides({"licence": "another licence"}))
+        assert create_encoder(other).fingerprint() != enc.fingerprint()
 
     def test_spec_json_round_trip(self, name: str) -> None:
         spec = get_encoder_spec(name)
@@ -119,8 +129,8 @@ class TestEncoderContract:
         assert again == spec and hash(again) == hash(spec) and again.to_json() == spec.to_json()
         assert EncoderSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
         assert describe_encoder(name)
-        info = create_encoder(spec).describe()
-        assert json.loads(json.dumps(info))["spec"] == spec.to_dict()
+        info = json.loads(json.dumps(create_encoder(spec).describe()))
+        assert info["spec"] == spec.identity_dict() and info["card"] == spec.card.to_dict()
 
 
 # ------------------------------------------------------------------ registry and spec
@@ -146,7 +156,7 @@ def test_unknown_encoder_lists_choices() -> None:
     "kwargs, fragment",
     [
         ({"name": "bad name!"}, "Encoder name 'bad name!' is invalid"),
-        ({"family": "nope"}, "unknown family 'nope'. Available families: open_clip"),
+        ({"family": "nope"}, "unknown family 'nope'. Available families: hf, open_clip"),
         ({"params": {"arch": "es-vit-tiny-32", "x": {1, 2}}}, "params must be JSON-able"),
         ({"params": {"arch": "es-vit-tiny-32", "init": float("nan")}}, "only finite numbers"),
         ({"params": {"arch": "nope-arch"}}, "unknown arch 'nope-arch'. Available:"),
@@ -390,8 +400,9 @@ def test_vit_random_init_not_degenerate(name: str) -> None:
 
 
 def _ctpa(**params: object) -> EncoderSpec:
+    """test-tiny-ctpa with other params (and no card: its card describes the registered params)."""
     spec = get_encoder_spec("test-tiny-ctpa")
-    return replace(spec, params={**spec.to_dict()["params"], **params})
+    return replace(spec, params={**spec.to_dict()["params"], **params}, card=None)
 
 
 def test_apply_windows_known_values() -> None:
@@ -613,3 +624,68 @@ def test_cuda_bf16_autocast_matches_cpu(name: str) -> None:
     assert got.dtype == torch.float32 and got.device.type == "cuda"
     cos = torch.nn.functional.cosine_similarity(got.cpu(), want, dim=1)
     assert cos.min() > 0.99, f"{name}: min cosine {cos.min():.4f}"
+
+
+# ------------------------------------------------------------------ cards
+
+
+def _card(**kw: object) -> dict:
+    base = {"modality": "CTPA", "input_size": [64, 128, 128], "embed_dim": 512,
+            "resize": "spacing", "spacing_mm": [2.0, 1.5, 1.5], "hu_clip": [-1024, 3071],
+            "hu_windows": [[400, 40]], "mean": [0.5], "std": [0.25], "pretrained": True,
+            "licence": "CC-BY-NC-4.0", "source": "example"}
+    return {**base, **kw}
+
+
+def test_card_json_round_trip_and_defaults() -> None:
+    card = EncoderCard.from_dict(_card())
+    assert EncoderCard.from_json(card.to_json()) == card
+    assert card.orientation == "axial-IS" and card.intensity == "hu"
+    assert json.loads(card.to_json())["modality"] == "CTPA"
+    assert card.with_overrides({"notes": "x"}).notes == "x"
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"modality": "MRI"}, "Unknown modality 'MRI'"),
+    ({"input_size": [128, 128]}, "input_size must be 3 integers"),
+    ({"resize": "pad"}, "resize must be one of fit, spacing for CTPA"),
+    ({"spacing_mm": None}, "spacing_mm must be (dz, dy, dx)"),
+    ({"resize": "fit"}, "spacing_mm must be None unless"),
+    ({"hu_clip": [100, -100]}, "hu_clip must be (low, high)"),
+    ({"hu_windows": [[0, 40]]}, "width > 0"),
+    ({"mean": [0.5], "std": [0.0]}, "std must be 1 positive numbers"),
+    ({"mean": None}, "both given or both None"),
+    ({"orientation": "axial-SI"}, "orientation must be one of axial-IS"),
+    ({"licence": " "}, "licence must be a non-empty string"),
+    ({"colour": 1}, "unknown ['colour']"),
+    ({"modality": "CXR", "input_size": [32, 32], "resize": "pad", "spacing_mm": None,
+      "hu_clip": None, "hu_windows": [[400, 40]]}, "hu_windows must be empty"),
+])
+def test_card_validation_names_the_field(kw: dict, fragment: str) -> None:
+    with pytest.raises(EncoderError) as ei:
+        EncoderCard.from_dict(_card(**kw))
+    assert fragment in str(ei.value) and ei.value.reason == "bad_card"
+
+
+def test_a_card_must_describe_the_encoder_it_is_on() -> None:
+    spec = get_encoder_spec("test-tiny-vit")
+    for field, value in (("embed_dim", 17), ("input_size", (64, 64)), ("mean", (0.5, 0.5, 0.5))):
+        extra = {"std": (0.2, 0.2, 0.2)} if field == "mean" else {}
+        bad = replace(spec, card=replace(spec.card, **{field: value, **extra}))
+        with pytest.raises(EncoderError, match=f"its card says {field}=") as ei:
+            create_encoder(bad)
+        assert ei.value.reason == "card_mismatch"
+    ct = get_encoder_spec("test-tiny-ctpa")
+    with pytest.raises(EncoderError, match="its card says hu_windows="):
+        create_encoder(replace(ct, card=replace(ct.card, hu_windows=((400.0, 40.0),))))
+
+
+def test_registering_trained_weights_without_a_card_is_refused(scratch_registry: None) -> None:
+    bare = replace(get_encoder_spec("test-tiny-vit"), card=None)
+    register_encoder("my-random", bare, description="random init: no card needed")
+    with pytest.raises(EncoderError, match="loads trained weights but has no card") as ei:
+        register_encoder("my-trained", replace(bare, weights="w.safetensors"), description="x")
+    assert ei.value.reason == "no_card"
+    register_encoder("my-lazy", lambda: replace(bare, weights="w.safetensors"), description="x")
+    with pytest.raises(EncoderError, match="has no card"):
+        get_encoder_spec("my-lazy")  # a factory is checked when resolved

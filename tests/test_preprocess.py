@@ -52,7 +52,7 @@ def test_spec_json_round_trip_and_fingerprint() -> None:
         ({"modality": "CTPA", "ct_shape": (64, 128)}, "ct_shape"),
         ({"modality": "CTPA", "ct_spacing": (1.0, -1.0, 1.0)}, "ct_spacing"),
         ({"modality": "CTPA", "ct_clip": (100.0, -100.0)}, "ct_clip"),
-        ({"modality": "CXR", "cxr_resize": "crop"}, "cxr_resize"),
+        ({"modality": "CXR", "cxr_resize": "zoom"}, "cxr_resize"),
         ({"modality": "CXR", "version": 99}, "version"),
     ],
 )
@@ -125,6 +125,19 @@ def test_cxr_pad_keeps_aspect_and_stretch_fills() -> None:
     )
     out = preprocess_cxr(noisy, PreprocessSpec("CXR"))
     assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_cxr_crop_covers_and_cuts_the_overhang_evenly() -> None:
+    px = np.zeros((100, 50), dtype=np.float32)  # tall: rows 0-24 and 75-99 are cut away
+    px[:25] = 1.0
+    px[75:] = 1.0
+    rad = Radiograph(pixels=px, spacing=None, spacing_source="none", photometric="MONOCHROME2")
+    out = preprocess_cxr(rad, PreprocessSpec("CXR", cxr_size=(32, 32), cxr_resize="crop"))
+    assert out.shape == (32, 32)  # covered at 64 x 32, rows 16..47 kept: the dark middle
+    assert out[2:-2].max() < 0.05 and out.min() >= 0.0
+    # the same image padded keeps both bright bands
+    padded = preprocess_cxr(rad, PreprocessSpec("CXR", cxr_size=(32, 32)))
+    assert padded[:4, 8:24].min() > 0.9 and padded[-4:, 8:24].min() > 0.9
 
 
 def test_wrong_modality_spec_rejected() -> None:

@@ -390,7 +390,7 @@ def test_gc_dry_run_lists_then_removes(store):
     assert rep.orphan_temp_files == (str(orphan.relative_to(store.root)),)
     assert not rep.nothing_to_do
 
-    done = store.gc(dry_run=False, keep_sets=["CXR/toy-1"])
+    done = store.gc(dry_run=False, keep_sets=["CXR/toy-1"], drop_unreferenced=True)
     assert done.bytes_freed > 0 and done.compacted_sets == ("CXR/toy-1",)
     assert not empty.exists() and not orphan.exists()
     assert not (store.root / "sets" / "CXR" / "old-encoder").exists()
@@ -414,3 +414,24 @@ def test_info_reports_sets_and_size(store):
     assert info["size_bytes"] == on_disk
     json.dumps(info)
     assert os.path.isdir(store.runs_dir)
+
+
+def test_gc_keeps_rows_missing_from_a_replaced_manifest_unless_told(store):
+    # issue 10, item 1: a manifest replaced by mistake (or by a refused writer) must not let a
+    # plain `gc --yes` delete every committed row; the rows come back with the right manifest
+    store.attach_manifest(manifest(40))
+    fill(store, range(0, 40, 2))
+    expect = store.load("CXR", "toy-1")
+    store.attach_manifest(manifest(40).slice(20))  # studies 0-19 are gone from the manifest
+    rep = store.gc(dry_run=False)
+    assert rep.unreferenced_rows == {"CXR/toy-1": 10} and not rep.drop_unreferenced
+    assert rep.compacted_sets == ()
+    store.attach_manifest(manifest(40))
+    got = store.load("CXR", "toy-1")
+    assert got.study_ids == expect.study_ids
+    np.testing.assert_array_equal(got.vectors, expect.vectors)
+    # asked explicitly, they go
+    store.attach_manifest(manifest(40).slice(20))
+    assert store.gc(dry_run=False, drop_unreferenced=True).compacted_sets == ("CXR/toy-1",)
+    store.attach_manifest(manifest(40))
+    assert store.load("CXR", "toy-1").study_ids == [sid(i) for i in range(20, 40, 2)]

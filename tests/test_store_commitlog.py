@@ -1,5 +1,6 @@
-"""The commit record (embedstore.store.commitlog): its byte format, its parser, and that it has
-exactly one home; and the crash-test hook (embedstore.store._faults)."""
+"""The commit record (embedstore.store.commitlog): its Parquet part format, how parts cover each
+other, its parser, and that it has exactly one home; the schema_version 1 parser kept for
+`embedstore upgrade`; and the crash-test hook (embedstore.store._faults)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from embedstore.errors import ConfigError, StoreCorruptError
 from embedstore.store import open_store
+from embedstore.store._backend import LocalBackend
 from embedstore.store._faults import FaultPlan
-from embedstore.store.commitlog import CommitRecord, parse_commit_log
+from embedstore.store.commitlog import (
+    COMMIT_SCHEMA,
+    PART_META_KEY,
+    CommitRecord,
+    encode_part,
+    live_parts,
+    merge_parts,
+    parse_v1_log,
+    read_part_info,
+    read_parts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEN = "2025-01-01T12:00:00.123456Z"
@@ -31,67 +44,84 @@ def record(**over) -> CommitRecord:
     return CommitRecord(**{**fields, **over})
 
 
-def test_record_line_is_the_documented_byte_format() -> None:
-    # Pinned on purpose: these are the bytes schema_version 1 stores hold (docs/STORE_FORMAT.md),
-    # so a change here is a format change, not a refactor.
-    assert record().to_line() == (
-        b'{"offset0":4,"n":2,"created_at":"2025-01-01T12:00:00.123456Z","study_id":["S1","S2"],'
-        b'"patient_id":["P1","P2"],"cache_key":["k1","k2"],"content_hash":["h1","h2"],'
-        b'"crc32":[1,2],"source_sig":[null,"sig"],"tokens_crc32":[3,4]}\n'
-    )
-    # Optional columns are left out when they carry nothing.
-    line = record(source_sig=[None, None], tokens_crc32=None).to_line()
-    assert list(json.loads(line)) == [
-        "offset0", "n", "created_at", "study_id", "patient_id", "cache_key", "content_hash", "crc32"
+def test_part_is_the_documented_format(tmp_path: Path) -> None:
+    # Pinned on purpose: the column names, types and order, and the footer's key-value
+    # metadata, are the schema_version 2 format (docs/STORE_FORMAT.md, "Commit parts").
+    assert [(f.name, str(f.type)) for f in COMMIT_SCHEMA] == [
+        ("array_row", "int64"), ("study_id", "string"), ("patient_id", "string"),
+        ("cache_key", "string"), ("content_hash", "string"), ("source_sig", "string"),
+        ("crc32", "uint32"), ("tokens_crc32", "uint32"), ("created_at", "timestamp[us, tz=UTC]"),
     ]
+    (tmp_path / "seg" / "commits").mkdir(parents=True)
+    key = "seg/commits/00000003-00000003.parquet"
+    (tmp_path / key).write_bytes(encode_part(record().to_table(), "commits", 3, 3).to_pybytes())
+    md = pq.read_metadata(tmp_path / key)
+    assert json.loads(md.metadata[PART_META_KEY]) == {
+        "kind": "commits", "schema_version": 2, "first": 3, "last": 3, "rows": 2, "row0": 4,
+        "sorted": True, "min": "S1", "max": "S2",
+    }
+    info = read_part_info(LocalBackend(tmp_path), key)
+    assert (info.first, info.last, info.rows, info.row0, info.sorted) == (3, 3, 2, 4, True)
+    t = read_parts(LocalBackend(tmp_path), [info])
+    assert t.equals(record().to_table())
+    assert t["array_row"].to_pylist() == [4, 5]
+    assert t["source_sig"].to_pylist() == [None, "sig"]
+    assert t["created_at"].to_pylist() == [datetime(2025, 1, 1, 12, 0, 0, 123456,
+                                                    tzinfo=timezone.utc)] * 2
+    unsorted = record(study_id=["S2", "S1"]).to_table()
+    (tmp_path / "seg/commits/00000004-00000004.parquet").write_bytes(
+        encode_part(unsorted, "commits", 4, 4).to_pybytes())
+    assert not read_part_info(LocalBackend(tmp_path), "seg/commits/00000004-00000004.parquet").sorted
 
 
-def test_record_round_trips_and_its_table_is_what_the_parser_gives(tmp_path: Path) -> None:
-    per_row = record(created_at=[WHEN, "2025-01-02T00:00:00.000001Z"], source_sig=None,
-                     tokens_crc32=None, offset0=0)
-    for r in (record(), per_row):
-        assert CommitRecord.from_line(r.to_line()) == r
-    log = tmp_path / "commits.jsonl"
-    log.write_bytes(per_row.to_line() + record().to_line())
-    table, consumed, notes = parse_commit_log(log)
-    assert (consumed, notes) == (log.stat().st_size, [])
-    assert table.equals(pa.concat_tables([per_row.to_table(), record().to_table()]))
-    assert table["offset"].to_pylist() == [0, 1, 4, 5]
-    assert table["source_sig"].to_pylist() == [None, None, None, "sig"]
-    utc = timezone.utc
-    assert table["created_at"].to_pylist() == [
-        datetime(2025, 1, 1, 12, 0, 0, 123456, tzinfo=utc),
-        datetime(2025, 1, 2, 0, 0, 0, 1, tzinfo=utc),
-        datetime(2025, 1, 1, 12, 0, 0, 123456, tzinfo=utc),
-        datetime(2025, 1, 1, 12, 0, 0, 123456, tzinfo=utc),
-    ]
+def test_parts_cover_each_other_and_overlap_is_damage() -> None:
+    singles = [f"{i:08d}-{i:08d}.parquet" for i in range(4)]
+    assert [p[2] for p in live_parts(singles + ["x.tmp", "00000000-00000000.parquet.a1.partial"])
+            ] == singles
+    merged = "00000000-00000002.parquet"
+    assert [p[2] for p in live_parts(singles + [merged])] == [merged, singles[3]]
+    with pytest.raises(StoreCorruptError, match="overlap"):
+        live_parts(["00000000-00000002.parquet", "00000001-00000003.parquet"])
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [
-        {"source_sig": ["only-one"]},  # a per-row column shorter than n
-        {"tokens_crc32": [1, 2, 3]},
-        {"created_at": [WHEN]},
-        {"created_at": 17},
-        {"created_at": "not a time"},
-    ],
+    "damage",
+    ["garbage", "truncated", "wrong_name"],
 )
-def test_inconsistent_record_is_damage_unless_it_is_the_torn_tail(tmp_path: Path, bad) -> None:
-    rec = json.loads(record().to_line())
-    broken = (json.dumps({**rec, **bad}) + "\n").encode()
-    with pytest.raises(ValueError):
-        CommitRecord.from_line(broken)
-    log = tmp_path / "commits.jsonl"
-    log.write_bytes(record().to_line() + broken)  # last line: a killed writer's, ignored
-    table, _, notes = parse_commit_log(log)
-    assert table.num_rows == 2 and len(notes) == 1
-    log.write_bytes(broken + record().to_line())  # followed by more: corruption
-    with pytest.raises(StoreCorruptError, match="line 1 is damaged"):
-        parse_commit_log(log)
+def test_a_damaged_part_is_corruption_not_a_torn_tail(tmp_path: Path, damage: str) -> None:
+    # A part is published whole (write-once under its name), so a bad one is damage.
+    b = LocalBackend(tmp_path)
+    data = encode_part(record().to_table(), "commits", 0, 0).to_pybytes()
+    name = "00000000-00000000.parquet"
+    if damage == "garbage":
+        data = b"PAR1 not really"
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        name = "00000001-00000001.parquet"  # the footer says part 0
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / name).write_bytes(data)
+    with pytest.raises(StoreCorruptError, match="run `embedstore verify`"):
+        read_part_info(b, f"c/{name}")
 
 
-def test_writer_and_compaction_write_records_in_the_one_format(tmp_path: Path) -> None:
+def test_merge_publishes_first_then_removes_what_it_covers(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path)
+    (tmp_path / "c").mkdir()
+    tables = []
+    for i in range(3):
+        t = record(offset0=2 * i, study_id=[f"S{2 * i}", f"S{2 * i + 1}"]).to_table()
+        tables.append(t)
+        (tmp_path / "c" / f"{i:08d}-{i:08d}.parquet").write_bytes(
+            encode_part(t, "commits", i, i).to_pybytes())
+    assert merge_parts(b, "c") == 3
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["00000000-00000002.parquet"]
+    (info,) = [read_part_info(b, f"c/{n}") for _, _, n in live_parts(b.list("c"))]
+    assert (info.rows, info.sorted, info.min_id, info.max_id) == (6, True, "S0", "S5")
+    assert read_parts(b, [info]).equals(pa.concat_tables(tables))
+
+
+def test_writer_and_compaction_write_parts_in_the_one_format(tmp_path: Path) -> None:
     store = open_store(tmp_path / "store", create=True)
     vecs = np.arange(6, dtype=np.float32).reshape(3, 2) + 1  # (3, D=2)
     for session in (range(2), range(1, 3)):  # the second supersedes S1
@@ -99,34 +129,64 @@ def test_writer_and_compaction_write_records_in_the_one_format(tmp_path: Path) -
             for i in session:
                 w.add(study_id=f"S{i}", patient_id=f"P{i}", cache_key=f"k{i}", content_hash=f"h{i}",
                       vector=vecs[i], source_sig="x" if i == 2 else None)
-    logs = sorted((tmp_path / "store" / "sets" / "CXR" / "toy-1").glob("seg-*/commits.jsonl"))
-    first = re.sub(rb'"created_at":"[^"]*"', b'"created_at":"T"', logs[0].read_bytes())
-    crc = [zlib.crc32(vecs[i]) for i in range(2)]
-    assert first == (
-        b'{"offset0":0,"n":2,"created_at":"T","study_id":["S0","S1"],"patient_id":["P0","P1"],'
-        b'"cache_key":["k0","k1"],"content_hash":["h0","h1"],"crc32":[%d,%d]}\n' % tuple(crc)
-    )
-    times = [CommitRecord.from_line(p.read_bytes()).created_at for p in logs]
+    set_dir = tmp_path / "store" / "sets" / "CXR" / "toy-1"
+    parts = sorted(set_dir.glob("seg-*/commits/*.parquet"))
+    assert [p.name for p in parts] == ["00000000-00000000.parquet"] * 2
+    first = pq.read_table(parts[0])
+    assert first.schema.remove_metadata() == COMMIT_SCHEMA
+    assert first.select(["array_row", "study_id", "cache_key", "crc32"]).to_pylist() == [
+        {"array_row": 0, "study_id": "S0", "cache_key": "k0", "crc32": zlib.crc32(vecs[0])},
+        {"array_row": 1, "study_id": "S1", "cache_key": "k1", "crc32": zlib.crc32(vecs[1])},
+    ]
+    times = [pq.read_table(p)["created_at"][0].as_py() for p in parts]
     store.gc(dry_run=False)
-    (log,) = (tmp_path / "store" / "sets" / "CXR" / "toy-1").glob("seg-*/commits.jsonl")
-    merged = CommitRecord.from_line(log.read_bytes())
-    assert merged.to_line() == log.read_bytes()
-    assert merged.study_id == ["S0", "S1", "S2"]
-    assert merged.created_at == [times[0], times[1], times[1]]  # each row keeps its commit time
-    assert merged.source_sig == [None, None, "x"]
-    assert merged.crc32 == [zlib.crc32(v) for v in vecs]
+    (part,) = set_dir.glob("seg-*/commits/*.parquet")
+    merged = pq.read_table(part)
+    assert merged.schema.remove_metadata() == COMMIT_SCHEMA
+    assert merged["study_id"].to_pylist() == ["S0", "S1", "S2"]
+    assert merged["array_row"].to_pylist() == [0, 1, 2]
+    assert merged["created_at"].to_pylist() == [times[0], times[1], times[1]]  # kept per row
+    assert merged["source_sig"].to_pylist() == [None, None, "x"]
+    assert merged["crc32"].to_pylist() == [zlib.crc32(v) for v in vecs]
+    # Nothing else describes the rows: no JSON log, no cache beside the parts.
+    assert sorted(p.name for p in part.parent.parent.iterdir()) == [
+        "commits", "embeddings.zarr", "segment.json"]
 
 
-def _library_files_containing(pattern: str) -> list[str]:
+def test_v1_log_parser_reads_the_old_bytes() -> None:
+    # The schema_version 1 line format, pinned: `embedstore upgrade` must read these bytes.
+    line = (
+        b'{"offset0":4,"n":2,"created_at":"2025-01-01T12:00:00.123456Z","study_id":["S1","S2"],'
+        b'"patient_id":["P1","P2"],"cache_key":["k1","k2"],"content_hash":["h1","h2"],'
+        b'"crc32":[1,2],"source_sig":[null,"sig"],"tokens_crc32":[3,4]}\n'
+    )
+    per_row = (
+        b'{"offset0":0,"n":1,"created_at":["2025-01-02T00:00:00.000001Z"],"study_id":["S0"],'
+        b'"patient_id":["P0"],"cache_key":["k0"],"content_hash":["h0"],"crc32":[9]}\n'
+    )
+    table, notes = parse_v1_log(per_row + line + b'{"offset0":6,"n":3,"stu')  # torn tail
+    assert len(notes) == 1
+    assert table.schema == COMMIT_SCHEMA
+    assert table["array_row"].to_pylist() == [0, 4, 5]
+    assert table.slice(1).equals(record().to_table())
+    with pytest.raises(StoreCorruptError, match="line 1 is damaged"):
+        parse_v1_log(b'{"offset0":0,"n":2,"study_id":["x"]}\n' + line)
+
+
+def _library_files_containing(pattern: str, folder: str = "embedstore") -> list[str]:
     return sorted(
         str(p.relative_to(ROOT))
-        for p in (ROOT / "embedstore").rglob("*.py")
+        for p in (ROOT / folder).rglob("*.py")
         if re.search(pattern, p.read_text())
     )
 
 
 def test_the_commit_record_and_the_crash_hook_each_have_one_home() -> None:
-    assert _library_files_containing(r'"offset0"') == ["embedstore/store/commitlog.py"]
+    assert _library_files_containing(r'b"embedstore\.part"|"offset0"') == [
+        "embedstore/store/commitlog.py"]
+    # In the store, only commitlog.py writes Parquet (besides the attached manifest).
+    assert _library_files_containing(r"pq\.write_table|ParquetWriter", "embedstore/store") == [
+        "embedstore/store/commitlog.py", "embedstore/store/reader.py"]
     assert _library_files_containing(r"EMBEDSTORE_CRASH_AT|_CRASH_AT") == [
         "embedstore/store/_faults.py"
     ]

@@ -8,20 +8,18 @@ import os
 from embedstore.dicom.radiograph import Radiograph, _read_rad
 from embedstore.dicom.series import CTVolume, StoredCT, _read_ct
 from embedstore.dicom.validation import DEFAULT_MAX_BYTES, MemoryGate
+from embedstore.domain import Modality
 
 __all__ = ["read_study", "content_hash"]
 
 
-def _check_modality(modality: str) -> str:
-    m = str(modality).upper()
-    if m not in ("CXR", "CTPA"):
-        raise ValueError(f"Unknown modality {modality!r}; expected 'CXR' or 'CTPA'.")
-    return m
+def _check_modality(modality: str | Modality) -> Modality:
+    return Modality.parse(modality)  # ConfigError (a ValueError) names the choices
 
 
 def read_study(
     path: str | os.PathLike[str],
-    modality: str,
+    modality: str | Modality,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     missing_rescale: str = "refuse",
@@ -34,7 +32,7 @@ def read_study(
     ``compact``: a CT series comes back as a ``StoredCT`` (stored dtype, half the memory of
     float32 HU); ``gate``: asked for the decode's memory before anything is allocated.
     """
-    if _check_modality(modality) == "CTPA":
+    if _check_modality(modality) is Modality.CTPA:
         vol, h = _read_ct(
             path,
             max_bytes=max_bytes,
@@ -57,7 +55,7 @@ def read_study(
 
 def content_hash(
     path: str | os.PathLike[str],
-    modality: str,
+    modality: str | Modality,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     missing_rescale: str = "refuse",
@@ -69,7 +67,7 @@ def content_hash(
     ``read_ct_series`` would use, in position order; never the path, UIDs or patient tags.
     ``"CTPA"``: a series folder; ``"CXR"``: one file. Raises DicomError like the readers.
     """
-    if _check_modality(modality) == "CTPA":
+    if _check_modality(modality) is Modality.CTPA:
         return _read_ct(
             path,
             max_bytes=max_bytes,

@@ -16,23 +16,32 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 
 from embedstore.errors import ConfigError
 
-__all__ = ["ENV_VAR", "POINTS", "ACTIONS", "Fault", "FaultPlan", "fault_due", "fault_point",
-           "fault_write"]
+__all__ = ["ENV_VAR", "POINTS", "ACTIONS", "Fault", "FaultPlan", "PutFaults", "fault_due",
+           "fault_point", "fault_write"]
 
 ENV_VAR = "EMBEDSTORE_CRASH_AT"
 
-# Where the writer can be hit, in the order a flush passes them (docs/STORE_FORMAT.md).
+# Where a store write can be hit, in the order each operation passes them (docs/STORE_FORMAT.md).
 POINTS = (
+    # a writer's flush
     "before_chunk_write",
     "mid_chunk_write",  # chunk temp file written, not yet renamed into place
-    "after_chunk_write",  # chunk files in place, no commit record yet
-    "mid_commit",  # half the commit line written
-    "before_fsync",  # commit line written, not fsync'ed
-    "after_fsync",
+    "after_chunk_write",  # chunk files in place, no commit part yet
+    "mid_commit",  # half the commit part's temp file written
+    "before_fsync",  # commit part temp written, not fsync'ed
+    "before_publish",  # commit part temp fsync'ed, not yet under its name
+    "after_fsync",  # commit part published and its folder fsync'ed: the rows exist
+    # compaction (gc, or automatic when a writer closes)
+    "compact_before_publish",  # new segment's chunks written, its commit part not yet
+    "compact_after_publish",  # new segment published, old segments not yet removed
+    "compact_mid_delete",  # some old segments removed, others not
+    # merging a segment's commit parts into one
+    "merge_after_publish",  # merged part published, the parts it covers not yet removed
 )
 ACTIONS = ("kill",)
 
@@ -58,14 +67,26 @@ class Fault:
         self.strike()
 
 
+@dataclass(frozen=True)
+class PutFaults:
+    """The fault points of one atomic file write (names from POINTS, None = not a point)."""
+
+    mid_write: str | None = None  # the temp file is half written
+    before_fsync: str | None = None  # the temp file is written, not fsync'ed
+    before_publish: str | None = None  # fsync'ed, not yet renamed / linked under its name
+    after_publish: str | None = None  # under its name and the folder fsync'ed
+
+
 class FaultPlan:
-    """Which fault to inject where, parsed from the ``EMBEDSTORE_CRASH_AT`` syntax; counts visits."""
+    """Which fault to inject where, parsed from the ``EMBEDSTORE_CRASH_AT`` syntax; counts visits
+    (thread-safe: a writer's chunk files are written by a small thread pool)."""
 
     def __init__(self, spec: str | None):
         self.point: str | None = None
         self.nth = 1
         self.action = "kill"
         self._visits: dict[str, int] = {}
+        self._guard = threading.Lock()
         if not spec:
             return
         point, _, nth = spec.partition(":")
@@ -84,8 +105,10 @@ class FaultPlan:
             raise RuntimeError(f"internal error: unknown fault point {point!r}")
         if point != self.point:
             return None
-        self._visits[point] = self._visits.get(point, 0) + 1
-        return Fault(point, self.action) if self._visits[point] >= self.nth else None
+        with self._guard:
+            self._visits[point] = self._visits.get(point, 0) + 1
+            due = self._visits[point] >= self.nth
+        return Fault(point, self.action) if due else None
 
 
 _SPEC = os.environ.get(ENV_VAR)  # read once, when the store is imported
@@ -102,17 +125,25 @@ def fault_due(point: str) -> Fault | None:
     return _plan.due(point)
 
 
-def fault_point(point: str) -> None:
+def fault_point(point: str | None) -> None:
     """Mark a point of the write path; a due fault strikes here."""
+    if point is None:
+        return
     fault = fault_due(point)
     if fault is not None:
         fault.strike()
 
 
-def fault_write(fd: int, data: bytes, point: str) -> None:
-    """``os.write(fd, data)``, unless a fault is due at ``point``: then the fault does the write."""
-    fault = fault_due(point)
-    if fault is None:
-        os.write(fd, data)
-    else:
-        fault.write(fd, data)
+def fault_write(fd: int, data, point: str | None) -> None:
+    """Write all of ``data`` to ``fd`` (looping over short writes), unless a fault is due at
+    ``point``: then the fault does the write."""
+    fault = None if point is None else fault_due(point)
+    if fault is not None:
+        fault.write(fd, bytes(data))
+        return
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # never for a regular file; guards an infinite loop
+            raise OSError(f"write returned {n}")
+        view = view[n:]

@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,22 +17,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedstore._fsio import atomic_path, atomic_write_bytes, tree_size
-from embedstore.catalog import (
-    DEFAULT_PAIR_MAX_GAP_HOURS,
-    EMBEDDINGS_SCHEMA,
-    FAILURES_SCHEMA,
-    Catalog,
-    read_runs,
-)
 from embedstore.errors import (
     ConfigError,
     ManifestError,
+    QueryError,
+    StoreCorruptError,
     StoreFormatError,
     StoreNotFoundError,
 )
 from embedstore.store import maintenance
+from embedstore.store._arrow import from_np, strings, table
+from embedstore.store._backend import LocalBackend
+from embedstore.store.commitlog import FAILURES_SCHEMA, PartInfo, live_parts, read_parts
 from embedstore.store.format import (
-    COMMITS_FILE,
+    DEFAULT_CONFIG,
+    DEFAULT_PAIR_MAX_GAP_HOURS,
     EMBEDDINGS_ARRAY,
     FAILURES_DIR,
     FORMAT_NAME,
@@ -45,11 +44,16 @@ from embedstore.store.format import (
     TOKENS_ARRAY,
     check_modality,
     iso,
-    micros,
+    store_config,
     utcnow,
 )
-from embedstore.store.segment import SetDir, read_rows_for, set_dirs
+from embedstore.store.segment import Live, SetDir, read_rows_for, segment_meta, set_dirs
 from embedstore.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    from embedstore.catalog import Catalog
+
+_META_COLS = ["patient_id", "cache_key", "content_hash"]
 
 
 @dataclass(frozen=True)
@@ -72,23 +76,49 @@ class SetInfo:
         return d
 
 
-@dataclass(frozen=True)
 class EmbeddingSet:
-    """Loaded embeddings: ``vectors`` (N, D) float32, row-aligned ``meta``, ordered by study_id."""
+    """Loaded embeddings: ``vectors`` (N, D) float32, row-aligned ``meta``, ordered by study_id.
 
-    modality: str
-    encoder_key: str
-    vectors: np.ndarray
-    meta: pa.Table
-    spec: dict
-    tokens: np.ndarray | None = None
+    ``meta`` (row, study_id, patient_id, cache_key, content_hash, created_at) is read from the
+    commit parts the first time it is used: most callers only need the vectors and study ids,
+    and at 10^6 rows the full table would add ~8 % to the memory of the vectors.
+    """
+
+    __slots__ = ("modality", "encoder_key", "vectors", "spec", "tokens", "_meta", "_sid",
+                 "_load_meta")
+
+    def __init__(self, modality: str, encoder_key: str, vectors: np.ndarray,
+                 meta: pa.Table | None, spec: dict, tokens: np.ndarray | None = None, *,
+                 study_id: pa.Array | None = None,
+                 load_meta: Callable[[], pa.Table] | None = None):
+        if meta is None and (study_id is None or load_meta is None):
+            raise ValueError("EmbeddingSet needs meta, or study_id and load_meta")
+        self.modality = modality
+        self.encoder_key = encoder_key
+        self.vectors = vectors
+        self.spec = spec
+        self.tokens = tokens
+        self._meta = meta
+        self._sid = meta["study_id"].combine_chunks() if meta is not None else study_id
+        self._load_meta = load_meta
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingSet({self.modality}/{self.encoder_key}, vectors={self.vectors.shape}, "
+                f"tokens={None if self.tokens is None else self.tokens.shape})")
+
+    @property
+    def meta(self) -> pa.Table:
+        if self._meta is None:
+            self._meta = self._load_meta()
+            self._load_meta = None
+        return self._meta
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
     @property
     def study_ids(self) -> list[str]:
-        return self.meta["study_id"].to_pylist()
+        return self._sid.to_pylist()
 
 
 def open_store(path: str | os.PathLike[str], *, create: bool = False) -> Store:
@@ -125,6 +155,7 @@ def open_store(path: str | os.PathLike[str], *, create: bool = False) -> Store:
             "format": FORMAT_NAME,
             "schema_version": SCHEMA_VERSION,
             "created_at": iso(utcnow()),
+            "config": dict(DEFAULT_CONFIG),
         }
         atomic_write_bytes(tmp / STORE_DOC, json.dumps(doc, indent=2).encode())
         try:
@@ -145,6 +176,13 @@ def open_store(path: str | os.PathLike[str], *, create: bool = False) -> Store:
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
+        if version == 1:
+            raise StoreFormatError(
+                f"Store {str(root)!r} has schema_version 1 (JSON commit logs); this embedstore "
+                f"reads schema_version {SCHEMA_VERSION}. Upgrade it in place with `embedstore "
+                f"upgrade {root}` (rewrites the commit logs as Parquet parts; vectors are not "
+                "copied; the store stays readable by nothing older afterwards)."
+            )
         raise StoreFormatError(
             f"Store {str(root)!r} has schema_version {version!r}; this embedstore reads "
             f"schema_version {SCHEMA_VERSION}. "
@@ -159,6 +197,8 @@ class Store:
     def __init__(self, root: Path, doc: dict):
         self.root = root
         self.doc = doc
+        self.backend = LocalBackend(root)
+        self.config = store_config(doc)
         self._catalogs: dict[tuple[str, int], tuple[tuple, Catalog]] = {}
 
     def __repr__(self) -> str:
@@ -234,14 +274,24 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------------
     def _set(self, modality: str, encoder_key: str) -> SetDir:
-        sd = SetDir(self.root, check_modality(modality), str(encoder_key))
+        sd = SetDir(self.backend, check_modality(modality), str(encoder_key))
         if not sd.exists():
-            have = [s.name for s in set_dirs(self.root)]
+            have = [s.name for s in set_dirs(self.backend)]
             raise StoreNotFoundError(
                 f"No embedding set {sd.name!r} in store {str(self.root)!r}. "
                 f"Available: {have or 'none (run `embedstore extract` first)'}."
             )
         return sd
+
+    def _cohort(self, where: str | None, study_ids: Iterable[str] | None) -> pa.Array | None:
+        ids = None
+        if where is not None:
+            ids = self.sql(f"SELECT DISTINCT study_id FROM studies WHERE {where}")["study_id"]
+            ids = ids.combine_chunks().cast(pa.string())
+        if study_ids is not None:
+            wanted = strings([str(s) for s in study_ids])
+            ids = wanted if ids is None else wanted.filter(pc.is_in(wanted, value_set=ids))
+        return ids
 
     def load(
         self,
@@ -254,129 +304,114 @@ class Store:
         """Load a set (optionally a cohort) as one contiguous float32 array, ordered by study_id.
 
         ``where`` is a SQL predicate over the ``studies`` view; ``study_ids`` restricts further.
+        Only the selected rows are read (the commit parts' study_id column to find them, then
+        their bytes into one preallocated array); ``meta`` is read on first use.
         """
         sd = self._set(modality, encoder_key)
         doc = sd.doc()
-        live = sd.live()
-        table = live.table
-        if where is not None:
-            ids = self.sql(f"SELECT DISTINCT study_id FROM studies WHERE {where}")["study_id"]
-            table = table.filter(pc.is_in(table["study_id"], value_set=ids.combine_chunks()))
-        if study_ids is not None:
-            wanted = pa.array([str(s) for s in study_ids], pa.string())
-            table = table.filter(pc.is_in(table["study_id"], value_set=wanted))
-        n = table.num_rows
-        vectors = np.empty((n, int(doc["dim"])), dtype=np.float32)  # (N, D)
-        read_rows_for(table, live.segments, EMBEDDINGS_ARRAY, vectors)
-        tokens = None
-        if doc.get("tokens_shape"):
-            tokens = np.empty((n, *doc["tokens_shape"]), dtype=np.float32)  # (N, S, Dt)
-            read_rows_for(table, live.segments, TOKENS_ARRAY, tokens)
-        meta = pa.table(
-            {
-                "row": pa.array(np.arange(n, dtype=np.int64)),
-                "study_id": table["study_id"],
-                "patient_id": table["patient_id"],
-                "cache_key": table["cache_key"],
-                "content_hash": table["content_hash"],
-                "created_at": table["created_at"],
-            }
-        )
-        return EmbeddingSet(sd.modality, sd.encoder_key, vectors, meta, doc.get("spec", {}), tokens)
+        cohort = self._cohort(where, study_ids)
+        for attempt in range(2):
+            try:
+                snap = sd.snapshot()
+                live = sd.live(cohort, snap)
+                n = live.n
+                # Hand the Parquet decode buffers back to the OS before the vectors need the
+                # memory (pyarrow's allocator keeps freed pages otherwise: ~60 MB at 10^6 rows).
+                pa.default_memory_pool().release_unused()
+                vectors = np.empty((n, int(doc["dim"])), dtype=np.float32)  # (N, D)
+                read_rows_for(self.backend, live, EMBEDDINGS_ARRAY, vectors)
+                tokens = None
+                if doc.get("tokens_shape"):
+                    tokens = np.empty((n, *doc["tokens_shape"]), dtype=np.float32)  # (N, S, Dt)
+                    read_rows_for(self.backend, live, TOKENS_ARRAY, tokens)
+            except (StoreCorruptError, FileNotFoundError):
+                # A compaction or part merge that finished after the snapshot removes what it
+                # replaced: read the new files. Damage is reported the second time.
+                if attempt == 0:
+                    continue
+                raise
+            break
+        return EmbeddingSet(sd.modality, sd.encoder_key, vectors, None, doc.get("spec", {}),
+                            tokens, study_id=live.study_id,
+                            load_meta=lambda: self._meta_of(sd, live))
+
+    def _meta_of(self, sd: SetDir, live: Live) -> pa.Table:
+        """The meta table of loaded rows, from the parts they were loaded from; when a gc removed
+        those parts meanwhile, from the current parts holding the same rows (same study_id and
+        commit time), or StoreCorruptError telling to load again."""
+        try:
+            t = segment_meta(self.backend, live, _META_COLS)
+        except FileNotFoundError:
+            now = sd.live(live.study_id)
+            if now.n != live.n or not (now.created_at == live.created_at).all() or \
+                    not now.study_id.equals(live.study_id):
+                raise StoreCorruptError(
+                    f"Rows of set {sd.name!r} were superseded and garbage-collected after they "
+                    "were loaded; load the set again.") from None
+            t = segment_meta(self.backend, now, _META_COLS)
+        created = from_np(live.created_at, pa.timestamp("us", tz="UTC"))
+        return table({
+            "row": from_np(np.arange(live.n, dtype=np.int64)),
+            "study_id": live.study_id,
+            "patient_id": t["patient_id"],
+            "cache_key": t["cache_key"],
+            "content_hash": t["content_hash"],
+            "created_at": created,
+        })
 
     def sets(self) -> list[SetInfo]:
-        """Every embedding set with its live row count."""
+        """Every embedding set with its live row count (from the parts' footers when the set is
+        ordered; otherwise from a scan of its study_id column)."""
         out = []
-        for sd in set_dirs(self.root):
+        for sd in set_dirs(self.backend):
             doc = sd.doc()
-            live = sd.live()
+            snap = sd.snapshot()
+            if snap.ordered_segments() is not None:
+                count = snap.total
+            else:
+                count = sd.live(snap=snap).n
             out.append(
                 SetInfo(
                     modality=sd.modality,
                     encoder_key=sd.encoder_key,
                     dim=int(doc["dim"]),
                     dtype=str(doc["dtype"]),
-                    count=live.table.num_rows,
+                    count=count,
                     spec=doc.get("spec", {}),
                     tokens_shape=tuple(doc["tokens_shape"]) if doc.get("tokens_shape") else None,
-                    segments=len(live.segments),
-                    superseded=live.superseded,
+                    segments=len(snap.segments),
+                    superseded=snap.total - count,
                 )
             )
         return out
 
-    def failures(self) -> pa.Table:
-        """Every failure record (torn last lines of a killed writer are skipped)."""
-        rows = []
-        fdir = self.root / FAILURES_DIR
-        if fdir.is_dir():
-            for p in sorted(fdir.glob("*.jsonl")):
-                for line in p.read_bytes().split(b"\n"):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue
-                    rec["created_at"] = micros(rec["created_at"]) if rec.get("created_at") else None
-                    rows.append(rec)
-        cols = {}
-        for f in FAILURES_SCHEMA:
-            vals = [r.get(f.name) for r in rows]
-            if f.name == "created_at":
-                cols[f.name] = pa.array(vals, pa.int64()).cast(f.type)
-            else:
-                cols[f.name] = pa.array([None if v is None else str(v) for v in vals], f.type)
-        return pa.table(cols, schema=FAILURES_SCHEMA)
+    def failure_parts(self) -> list[PartInfo]:
+        out = []
+        for seg in self.backend.list(FAILURES_DIR):
+            prefix = f"{FAILURES_DIR}/{seg}"
+            out += [PartInfo(key=f"{prefix}/{n}", first=a, last=b, rows=0)
+                    for a, b, n in live_parts(self.backend.list(prefix))]
+        return out
+
+    def failures(self, columns: list[str] | None = None) -> pa.Table:
+        """Every failure record (durable ones: a killed writer's unflushed records are lost)."""
+        for _attempt in range(3):
+            try:
+                return read_parts(self.backend, self.failure_parts(), columns, kind="failures")
+            except FileNotFoundError:
+                continue  # merged meanwhile: list again
+        return FAILURES_SCHEMA.empty_table()
 
     # -- SQL ----------------------------------------------------------------------------------
-    def _signature(self) -> tuple:
-        sig: list = []
-        for p in [self.manifest_path]:
-            st = p.stat() if p.exists() else None
-            sig.append(None if st is None else (st.st_mtime_ns, st.st_size))
-        for sd in set_dirs(self.root):
-            for seg in sd.segments():
-                log = seg / COMMITS_FILE
-                sig.append((seg.name, log.stat().st_size if log.exists() else -1))
-        for sub in (FAILURES_DIR, RUNS_DIR):
-            d = self.root / sub
-            if d.is_dir():
-                for p in sorted(d.iterdir()):
-                    q = p / "config.json" if p.is_dir() else p
-                    try:
-                        st = q.stat()
-                        sig.append((p.name, st.st_mtime_ns, st.st_size))
-                    except FileNotFoundError:
-                        sig.append((p.name,))
-        return tuple(sig)
-
-    def _embeddings_table(self) -> pa.Table:
-        parts = []
-        for sd in set_dirs(self.root):
-            t = sd.live().table
-            n = t.num_rows
-            parts.append(
-                pa.table(
-                    {
-                        "study_id": t["study_id"],
-                        "patient_id": t["patient_id"],
-                        "modality": pa.array([sd.modality] * n, pa.string()),
-                        "encoder_key": pa.array([sd.encoder_key] * n, pa.string()),
-                        "content_hash": t["content_hash"],
-                        "cache_key": t["cache_key"],
-                        "row": pa.array(np.arange(n, dtype=np.int64)),
-                        "created_at": t["created_at"],
-                    },
-                    schema=EMBEDDINGS_SCHEMA,
-                )
-            )
-        return pa.concat_tables(parts) if parts else EMBEDDINGS_SCHEMA.empty_table()
-
     def catalog(self, *, memory_limit: str = "2GB", threads: int = 2) -> Catalog:
         """The sandboxed DuckDB catalog, rebuilt when the store's files changed."""
+        from embedstore.catalog import Catalog, read_runs
+        from embedstore.experiment import read_experiments
+        from embedstore.store.views import catalog_sources
+
         key = (str(memory_limit), int(threads))
-        sig = self._signature()
+        src = catalog_sources(self.backend)
+        sig = (self._manifest_sig(), src.signature, self._runs_sig(), self._experiments_sig())
         cached = self._catalogs.get(key)
         if cached is not None and cached[0] == sig:
             return cached[1]
@@ -386,9 +421,9 @@ class Store:
         cat = Catalog(
             self.root,
             manifest_path=self.manifest_path if self.manifest_path.exists() else None,
-            embeddings=self._embeddings_table(),
-            failures=self.failures(),
-            runs=read_runs(self.root / RUNS_DIR),
+            views=src.views,
+            tables={"runs": read_runs(self.root / RUNS_DIR),
+                    "experiments": read_experiments(self.root / "experiments")},
             pair_max_gap_hours=float(gap),
             memory_limit=memory_limit,
             threads=threads,
@@ -396,8 +431,47 @@ class Store:
         self._catalogs[key] = (sig, cat)
         return cat
 
+    def _manifest_sig(self) -> tuple | None:
+        try:
+            st = self.manifest_path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _experiments_sig(self) -> tuple:
+        d = self.root / "experiments"
+        out = []
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                try:
+                    st = (p / "summary.json").stat()
+                    out.append((p.name, st.st_mtime_ns, st.st_size))
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+        return tuple(out)
+
+    def _runs_sig(self) -> tuple:
+        sig = []
+        d = self.root / RUNS_DIR
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                try:
+                    st = (p / "config.json").stat()
+                    sig.append((p.name, st.st_mtime_ns, st.st_size))
+                    st = (p / "metrics.json").stat()
+                    sig.append((st.st_mtime_ns, st.st_size))
+                except (FileNotFoundError, NotADirectoryError):
+                    sig.append((p.name,))
+        return tuple(sig)
+
     def sql(self, sql: str, *, timeout_s: float = 30, memory_limit: str = "2GB") -> pa.Table:
         """Run one read-only SELECT over the catalog views; QueryRefusedError / QueryError."""
+        try:
+            return self.catalog(memory_limit=memory_limit).sql(sql, timeout_s=timeout_s)
+        except QueryError as e:
+            if e.reason != "files_changed":
+                raise
+        self.refresh()  # a gc replaced files the views named: build them again
         return self.catalog(memory_limit=memory_limit).sql(sql, timeout_s=timeout_s)
 
     def refresh(self) -> None:
@@ -410,7 +484,7 @@ class Store:
     def info(self) -> dict:
         """What is in the store: sets with specs and counts, failures by reason, size on disk."""
         size = tree_size(self.root)
-        fails = self.failures()
+        fails = self.failures(["reason"])
         by_reason: dict[str, int] = {}
         for r in fails["reason"].to_pylist():
             by_reason[r] = by_reason.get(r, 0) + 1
@@ -437,9 +511,13 @@ class Store:
         return maintenance.verify(self)
 
     def gc(
-        self, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None
+        self, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None,
+        drop_unreferenced: bool = False,
     ) -> maintenance.GcReport:
-        """List (dry run) or remove superseded rows, rows/sets no longer referenced, orphan temp
-        files and empty segments. ``keep_sets``: "MODALITY/encoder_key" names to keep; when
-        given, every other set is unreferenced. Removal needs the whole-store lock."""
-        return maintenance.gc(self, dry_run=dry_run, keep_sets=keep_sets)
+        """List (dry run) or remove superseded rows, orphan temp files and empty segments.
+        Rows of studies missing from the manifest are listed and kept unless
+        ``drop_unreferenced`` (a replaced manifest must not silently cost embeddings).
+        ``keep_sets``: "MODALITY/encoder_key" names to keep; when given, every other set is
+        removed. Removal needs the whole-store lock."""
+        return maintenance.gc(self, dry_run=dry_run, keep_sets=keep_sets,
+                              drop_unreferenced=drop_unreferenced)

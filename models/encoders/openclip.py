@@ -235,6 +235,10 @@ class OpenClipImageEncoder(FrozenEncoder):
         # Persistent buffers: the normalisation is part of what the weights hash covers.
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self._norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def card_facts(self) -> dict[str, Any]:
+        return {**super().card_facts(), "mean": self._norm[0], "std": self._norm[1]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.spec.name)
@@ -354,4 +358,6 @@ register_family(
     _build,
     validate=_validate,
     description="image tower of an open_clip architecture (random-init, local file, or hub)",
+    loads_weights=lambda spec: spec.weights is not None or str(spec.params["arch"]).startswith(
+        _SCHEMAS),  # hf-hub: / local-dir: archs bring their own weights
 )

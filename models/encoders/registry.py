@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from embedstore.models.domain import Modality
+from embedstore.models.encoders.card import EncoderCard, check_card
 from embedstore.models.errors import EncoderError, UnknownEncoderError
 from torch import nn
 
@@ -30,11 +32,13 @@ __all__ = [
     "create_encoder",
     "register_family",
     "list_families",
+    "loads_weights",
+    "require_card",
     "state_dict_hash",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SPEC_KEYS = ("name", "family", "params", "weights", "seed")
+_SPEC_KEYS = ("name", "family", "params", "weights", "seed", "card")
 
 
 # ---------------------------------------------------------------- JSON-able frozen params
@@ -93,6 +97,7 @@ class _Family:
     build: Callable[[EncoderSpec], FrozenEncoder]
     validate: Callable[[Mapping[str, Any]], None]
     description: str
+    loads_weights: Callable[[EncoderSpec], bool]
 
 
 _FAMILIES: dict[str, _Family] = {}
@@ -104,19 +109,23 @@ def register_family(
     *,
     validate: Callable[[Mapping[str, Any]], None] | None = None,
     description: str = "",
+    loads_weights: Callable[[EncoderSpec], bool] | None = None,
     overwrite: bool = False,
 ) -> None:
     """Add an encoder family: ``build(spec) -> FrozenEncoder`` and ``validate(params)``.
 
     ``validate`` raises :class:`EncoderError` for bad params; it runs whenever an
     :class:`EncoderSpec` of this family is built, so bad specs fail before any weights load.
+    ``loads_weights(spec)`` says whether a spec takes trained weights from somewhere (default:
+    ``spec.weights is not None``); such a spec needs a card (see :func:`register_encoder`).
     """
     if family in _FAMILIES and not overwrite:
         raise EncoderError(
             f"Encoder family {family!r} is already registered; pass overwrite=True to replace it.",
             reason="duplicate_family",
         )
-    _FAMILIES[family] = _Family(build, validate or (lambda params: None), description)
+    _FAMILIES[family] = _Family(build, validate or (lambda params: None), description,
+                                loads_weights or (lambda spec: spec.weights is not None))
 
 
 def list_families() -> list[str]:
@@ -133,7 +142,8 @@ class EncoderSpec:
 
     ``params`` is family-specific and deep-frozen (read it like a dict); ``weights`` is a
     weights source (a local file, or what the family documents) or ``None`` for a random
-    init drawn deterministically from ``seed``.
+    init drawn deterministically from ``seed``; ``card`` says what the encoder expects of its
+    input (:class:`EncoderCard`; a dict is parsed) and is covered by the fingerprint.
     """
 
     name: str
@@ -141,6 +151,7 @@ class EncoderSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     weights: str | None = None
     seed: int = 0
+    card: EncoderCard | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -172,6 +183,14 @@ class EncoderSpec:
                 f"Encoder {self.name!r}: seed must be an int in [0, 2**63), got {self.seed!r}.",
                 reason="bad_spec",
             )
+        if isinstance(self.card, Mapping):
+            object.__setattr__(self, "card", EncoderCard.from_dict(self.card))
+        elif self.card is not None and not isinstance(self.card, EncoderCard):
+            raise EncoderError(
+                f"Encoder {self.name!r}: card must be an EncoderCard, a dict of its fields or "
+                f"None, got {type(self.card).__name__}.",
+                reason="bad_spec",
+            )
         _FAMILIES[self.family].validate(self.params)
 
     def __hash__(self) -> int:
@@ -182,14 +201,18 @@ class EncoderSpec:
         return (EncoderSpec.from_dict, (self.to_dict(),))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-able dict (a deep copy; mutating it does not touch the spec)."""
-        return {
+        """Plain, JSON-able dict (a deep copy; mutating it does not touch the spec). ``card``
+        appears only when the spec has one."""
+        d = {
             "name": self.name,
             "family": self.family,
             "params": _thaw(self.params),
             "weights": self.weights,
             "seed": self.seed,
         }
+        if self.card is not None:
+            d["card"] = self.card.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EncoderSpec:
@@ -212,6 +235,7 @@ class EncoderSpec:
             params=d.get("params") or {},
             weights=d.get("weights"),
             seed=d.get("seed", 0),
+            card=d.get("card"),
         )
 
     def to_json(self) -> str:
@@ -227,12 +251,17 @@ class EncoderSpec:
             raise EncoderError(f"Encoder spec is not valid JSON: {e}.", reason="bad_spec") from e
         return cls.from_dict(d)
 
-    def identity_json(self) -> str:
-        """Canonical JSON of what the fingerprint covers: the spec without the weights *location*
-        (the weight bytes are hashed instead, so moving a checkpoint keeps the fingerprint)."""
+    def identity_dict(self) -> dict[str, Any]:
+        """What the fingerprint covers: the spec (card included) without the weights *location*
+        (the weight bytes are hashed instead, so moving a checkpoint keeps the fingerprint, and
+        no path, which may carry identifiers, is written into artifacts)."""
         d = self.to_dict()
         d["weights"] = None if self.weights is None else "<hashed>"
-        return _canonical(d)
+        return d
+
+    def identity_json(self) -> str:
+        """Canonical JSON of :meth:`identity_dict`."""
+        return _canonical(self.identity_dict())
 
 
 # ---------------------------------------------------------------- encoder base class
@@ -320,21 +349,26 @@ class FrozenEncoder(nn.Module):
         return self._hash_cache[1]
 
     def fingerprint(self) -> str:
-        """sha256 hex of the spec's identity JSON (weights location excluded) + weights hash."""
+        """sha256 hex of the spec's identity JSON (card included, weights location excluded)
+        + the weights hash."""
         payload = self.spec.identity_json() + "\n" + self.weights_hash()
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def key(self) -> str:
-        """Short store key: ``<name>-<first 8 hex of the fingerprint>``."""
-        return f"{self.spec.name}-{self.fingerprint()[:8]}"
+    def card_facts(self) -> dict[str, Any]:
+        """What a card must agree with (:func:`check_card`): input kind and size and output dim;
+        subclasses add the normalisation (``mean``/``std``) and CT windows (``hu_windows``)
+        they apply themselves."""
+        return {"input_kind": self.input_kind, "input_size": self.input_size,
+                "embed_dim": self.embed_dim}
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able summary to write into artifacts (spec, hashes, shapes)."""
+        """JSON-able summary to write into artifacts: identity spec (no weights location),
+        card, hashes, shapes. The cache identity (``embedstore.identity``) is built from it."""
         return {
             "name": self.spec.name,
-            "key": self.key(),
             "family": self.spec.family,
-            "spec": self.spec.to_dict(),
+            "spec": self.spec.identity_dict(),
+            "card": None if self.spec.card is None else self.spec.card.to_dict(),
             "weights_hash": self.weights_hash(),
             "fingerprint": self.fingerprint(),
             "embed_dim": self.embed_dim,
@@ -369,7 +403,9 @@ def register_encoder(
     """Register ``name`` -> spec (or a zero-argument callable returning one, resolved lazily).
 
     The spec is stored under ``name`` (its ``name`` field is rebound to it). Re-registering an
-    existing name raises :class:`EncoderError` unless ``overwrite=True``.
+    existing name raises :class:`EncoderError` unless ``overwrite=True``. A spec that loads
+    trained weights (:func:`loads_weights`) must carry a card: extraction builds the
+    preprocessing from it, and a pretrained encoder never gets a silent default.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise EncoderError(
@@ -383,6 +419,7 @@ def register_encoder(
         )
     if isinstance(spec_or_factory, EncoderSpec):
         spec = replace(spec_or_factory, name=name)
+        require_card(spec)
 
         def make() -> EncoderSpec:
             return spec
@@ -397,7 +434,9 @@ def register_encoder(
                     f"{type(s).__name__}, not an EncoderSpec.",
                     reason="bad_spec",
                 )
-            return replace(s, name=name) if s.name != name else s
+            s = replace(s, name=name) if s.name != name else s
+            require_card(s)
+            return s
     else:
         raise EncoderError(
             f"register_encoder({name!r}, ...) needs an EncoderSpec or a callable returning one, "
@@ -405,6 +444,24 @@ def register_encoder(
             reason="bad_spec",
         )
     _REGISTRY[name] = _Entry(make, description)
+
+
+def loads_weights(spec: EncoderSpec) -> bool:
+    """Whether ``spec`` takes trained weights (a file, a tag, a hub id) rather than a seeded
+    random init; what counts is the family's ``loads_weights``."""
+    return bool(_FAMILIES[spec.family].loads_weights(spec))
+
+
+def require_card(spec: EncoderSpec) -> None:
+    """Raise :class:`EncoderError` (``no_card``) when ``spec`` loads weights but has no card."""
+    if spec.card is None and loads_weights(spec):
+        raise EncoderError(
+            f"Encoder {spec.name!r} loads trained weights but has no card, so embedstore cannot "
+            "know the preprocessing it was trained with (input size, resize, HU window, "
+            "normalisation). Give it one: register_encoder(..., EncoderSpec(..., "
+            "card=EncoderCard(...))), or `--card FILE` on the command line (docs/ENCODERS.md).",
+            reason="no_card",
+        )
 
 
 def list_encoders() -> list[str]:
@@ -442,6 +499,7 @@ def create_encoder(
 
     ``weights`` (a path or a family-specific source) overrides ``spec.weights``; it is recorded
     in the returned encoder's spec, and its bytes enter :meth:`FrozenEncoder.fingerprint`.
+    A spec's card is checked against the built encoder (:func:`check_card`).
     """
     if isinstance(name_or_spec, EncoderSpec):
         spec = name_or_spec
@@ -461,6 +519,8 @@ def create_encoder(
             f"Family {spec.family!r} built a {type(encoder).__name__}, not a FrozenEncoder.",
             reason="bad_family",
         )
+    if spec.card is not None:
+        check_card(spec.card, encoder.card_facts(), spec.name)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -482,10 +542,32 @@ def create_encoder(
 # ---------------------------------------------------------------- built-in encoders
 # All random-init (NOT pretrained): frozen random features are enough for the synthetic demo
 # and the tests, and need no network. Factories defer validation until the families exist.
+# Their cards reproduce the preprocessing extraction used before cards existed: radiographs
+# padded to the tower's size, CT fitted to input_size after clipping to [-1024, 3071] HU.
+
+#: open_clip's OPENAI_DATASET_MEAN / _STD, which the es-* towers normalise with.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_DEMO_WINDOWS = ((700.0, 100.0), (1500.0, -600.0), (400.0, -800.0))
+_LICENCE = "Apache-2.0 (embedstore); random init, no trained weights"
 
 
-def _builtin(name: str, family: str, params: dict[str, Any], description: str) -> None:
-    register_encoder(name, lambda: EncoderSpec(name=name, family=family, params=params, seed=0),
+def _card(modality: str, size: tuple[int, ...], dim: int, arch: str,
+          windows: tuple[tuple[float, float], ...] = ()) -> EncoderCard:
+    ct = modality == "CTPA"
+    return EncoderCard(
+        modality=Modality(modality), input_size=size, embed_dim=dim,
+        resize="fit" if ct else "pad", hu_clip=(-1024.0, 3071.0) if ct else None,
+        hu_windows=windows, mean=_CLIP_MEAN, std=_CLIP_STD, pretrained=False,
+        licence=_LICENCE,
+        source=f"random init from seed 0 (open_clip config {arch} in models/encoders/model_configs)",
+    )
+
+
+def _builtin(name: str, family: str, params: dict[str, Any], description: str,
+             card: EncoderCard) -> None:
+    register_encoder(name, lambda: EncoderSpec(name=name, family=family, params=params, seed=0,
+                                                card=card),
                      description=description)
 
 
@@ -495,18 +577,23 @@ def _tiny_vit() -> dict[str, Any]:
 
 _builtin("demo-cxr", "open_clip", {"arch": "es-vit-cxr-w256"},
          "random-init ViT (2 layers, width 256, 128 px, patch 16, avg pool, 512-d) for radiographs; "
-         "not pretrained")
+         "not pretrained",
+         _card("CXR", (128, 128), 512, "es-vit-cxr-w256"))
 _builtin("demo-ctpa", "volume25d",
          {"inner": {"family": "open_clip", "params": {"arch": "es-vit-ct-128"}},
           "windows": [list(w) for w in ((700, 100), (1500, -600), (400, -800))],
           "stride": 2, "slab": 1, "pool": "max", "chunk": 64, "input_size": [64, 128, 128]},
          "2.5D CT encoder: random-init ViT (2 layers, width 64, 128 px, patch 16, avg pool) on "
-         "3 CT windows, every 2nd slice, max-pooled; not pretrained")
+         "3 CT windows, every 2nd slice, max-pooled; not pretrained",
+         _card("CTPA", (64, 128, 128), 128, "es-vit-ct-128", _DEMO_WINDOWS))
 _builtin("test-tiny-vit", "open_clip", {"arch": "es-vit-tiny-32"},
-         "minimal random-init ViT (1 layer, width 32, 32 px) for fast tests")
+         "minimal random-init ViT (1 layer, width 32, 32 px) for fast tests",
+         _card("CXR", (32, 32), 16, "es-vit-tiny-32"))
 _builtin("test-tiny-resnet", "open_clip", {"arch": "es-rn-tiny-64"},
-         "minimal random-init ModifiedResNet (64 px) with the seeded bn3 / He re-init")
+         "minimal random-init ModifiedResNet (64 px) with the seeded bn3 / He re-init",
+         _card("CXR", (64, 64), 32, "es-rn-tiny-64"))
 _builtin("test-tiny-ctpa", "volume25d",
          {"inner": _tiny_vit(), "stride": 2, "slab": 1, "pool": "meanmax", "chunk": 5,
           "input_size": [8, 32, 32]},
-         "minimal 2.5D CT encoder over test-tiny-vit (meanmax pooling) for fast tests")
+         "minimal 2.5D CT encoder over test-tiny-vit (meanmax pooling) for fast tests",
+         _card("CTPA", (8, 32, 32), 32, "es-vit-tiny-32", _DEMO_WINDOWS))

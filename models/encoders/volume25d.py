@@ -28,6 +28,7 @@ from embedstore.models.encoders.registry import (
     FrozenEncoder,
     _thaw,
     create_encoder,
+    loads_weights,
     register_family,
 )
 from embedstore.models.errors import EncoderError
@@ -77,6 +78,13 @@ class Volume25DEncoder(FrozenEncoder):
         self.stride = int(p.get("stride", 2))
         self.slab = int(p.get("slab", 1))
         self.chunk = int(p.get("chunk", 64))
+
+    def card_facts(self) -> dict[str, Any]:
+        # the inner encoder's normalisation applies to the windowed [0, 1] slices
+        inner = self.inner.card_facts()
+        facts = {**super().card_facts(), "hu_windows": self.windows}
+        facts.update({k: inner[k] for k in ("mean", "std") if k in inner})
+        return facts
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
@@ -196,4 +204,7 @@ register_family(
     _build,
     validate=_validate,
     description="2.5D CT encoder: CT-windowed slices through a 2D encoder, pooled across slices",
+    # the inner encoder takes this spec's weights; it may also bring its own (an hf-hub: arch)
+    loads_weights=lambda spec: loads_weights(_inner_spec(spec.name, spec.params, spec.seed,
+                                                         spec.weights)),
 )
