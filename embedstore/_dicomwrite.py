@@ -1,13 +1,17 @@
-"""Writing the synthetic cohort as real DICOM (private; with embedstore/dicom/ the only pydicom user).
+"""Writing DICOM (private; with embedstore/dicom/ the only pydicom user): the synthetic cohort
+and DRRs rendered from CT (``write_dx``, used by ``embedstore drr``).
 
-Only synthetic identifiers ever reach these files: :class:`SyntheticPatient` refuses any patient
-id that is not of the ``SYN-`` form. UIDs come from ``pydicom.uid.generate_uid`` with a
-deterministic entropy source, so the same cohort seed writes byte-identical files.
+Only synthetic or pseudonymous identifiers ever reach these files: :class:`SyntheticPatient`
+refuses any patient id that is not of the ``SYN-`` form, and ``write_dx`` takes nothing from a
+source study but the pseudonymous patient id the manifest already holds (no name, dates, UIDs,
+institution or device). UIDs come from ``pydicom.uid.generate_uid`` with a deterministic entropy
+source, so the same inputs write byte-identical files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -26,7 +30,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from embedstore._fsio import atomic_path
+from embedstore._fsio import atomic_path, atomic_write_bytes
 from embedstore.errors import ConfigError
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "synthetic_uid",
     "write_ct_series",
     "write_radiograph",
+    "write_dx",
+    "check_pseudonymous_id",
     "read_ct_series_hu",
     "read_radiograph",
 ]
@@ -252,6 +258,113 @@ def write_radiograph(
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(ds, p)
+    return p
+
+
+# A pseudonymous id from a manifest (``anon-<hex>``, ``SYN-0001``, ...): short, no spaces, no
+# carets (a DICOM person name), so a real name or a free-text value cannot pass for one.
+_PSEUDONYM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_pseudonymous_id(value: str, what: str) -> str:
+    """``value`` if it looks like a pseudonymous id (1-64 of ``A-Z a-z 0-9 . _ -``), else
+    ConfigError (the message does not repeat the value: it may be identifying)."""
+    if not isinstance(value, str) or not _PSEUDONYM.match(value):
+        raise ConfigError(
+            f"The {what} is not a pseudonymous id (1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit); only pseudonymised manifests can be rendered. "
+            "Import the cohort with `embedstore manifest import-*`, which pseudonymises ids."
+        )
+    return value
+
+
+def write_dx(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    *,
+    pixel_spacing_mm: float,
+    patient_id: str,
+    uid_key: str,
+    view: str = "AP",
+    derivation: str = "DRR: parallel projection of a CT series",
+) -> Path:
+    """Write a 12-bit frontal DX (For Presentation, MONOCHROME2) derived from another study.
+
+    ``image`` is (H, W) uint16 in [0, 4095], display orientation (top = superior, image left =
+    patient right), bright = dense. Identifying attributes are present but empty (type 2) or
+    absent; the patient id is the manifest's pseudonym (checked by ``check_pseudonymous_id``);
+    UIDs derive from ``uid_key``. PixelSpacing and ImagerPixelSpacing are both
+    ``pixel_spacing_mm`` (a parallel projection has no magnification). Written atomically
+    (temp + fsync + rename): a file that exists is complete.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2 or img.dtype != np.uint16 or int(img.max(initial=0)) > RADIOGRAPH_MAX:
+        raise ConfigError(
+            f"write_dx needs a (H, W) uint16 image in [0, {RADIOGRAPH_MAX}], got "
+            f"{img.dtype} {img.shape}."
+        )
+    if not (float(pixel_spacing_mm) > 0 and np.isfinite(pixel_spacing_mm)):
+        raise ConfigError(f"write_dx: pixel_spacing_mm must be positive, got {pixel_spacing_mm!r}.")
+    if view not in ("AP", "PA"):
+        raise ConfigError(f"write_dx: view must be 'AP' or 'PA', got {view!r}.")
+    check_pseudonymous_id(patient_id, "patient id")
+    sop_class = DigitalXRayImageStorageForPresentation
+    sop_uid = synthetic_uid(uid_key, "dx-image")
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_class, sop_uid)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    # patient / study: the pseudonym only; type 2 attributes present and empty
+    ds.PatientName = ""
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "embedstore: derived image; only the pseudonymous patient id kept"
+    ds.StudyInstanceUID = synthetic_uid(uid_key, "dx-study")
+    ds.StudyDate = ""  # the acquisition time lives in the manifest (acquired_at), not here
+    ds.StudyTime = ""
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = ""
+    ds.StudyDescription = "Chest frontal DRR (derived from CT)"
+    ds.Manufacturer = "embedstore"
+    ds.ManufacturerModelName = "drr"
+    ds.BodyPartExamined = "CHEST"
+    ds.Modality = "DX"
+    ds.SeriesInstanceUID = synthetic_uid(uid_key, "dx-series")
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = derivation
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.ViewPosition = view
+    ds.PatientOrientation = ["L", "F"]  # rows run to the patient's left, columns to the feet
+    sp = float(pixel_spacing_mm)
+    ds.PixelSpacing = [sp, sp]
+    ds.ImagerPixelSpacing = [sp, sp]
+    ds.Rows, ds.Columns = img.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    lo, hi = np.percentile(img, [1.0, 99.0])
+    ds.WindowCenter = float(round((lo + hi) / 2.0))
+    ds.WindowWidth = float(max(round(hi - lo), 1))
+    ds.PresentationLUTShape = "IDENTITY"  # required by the DX IOD for MONOCHROME2
+    ds.PixelData = img.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(p, buf.getvalue())
     return p
 
 
