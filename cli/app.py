@@ -20,7 +20,7 @@ from embedstore.cli import render
 from embedstore.cli.progress import RichReporter
 
 from embedstore.domain import Modality
-from embedstore.errors import USER_ERRORS
+from embedstore.errors import USER_ERRORS, disk_error_message
 from embedstore.progress import NULL_REPORTER, Reporter
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,6 +54,12 @@ def _user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            msg = disk_error_message(e)
+            if msg is None:
+                raise
+            typer.echo(f"Error: {msg}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted. Everything committed so far is kept; re-run to resume.", err=True)

@@ -9,6 +9,9 @@ never contain patient-identifying DICOM values.
 
 from __future__ import annotations
 
+import errno
+import os
+
 # The root is defined in the lowest layer (models/ never imports the rest of embedstore) and
 # re-exported here, so one ``except EmbedstoreError`` catches every error the project raises.
 from embedstore.models.errors import (
@@ -39,6 +42,8 @@ __all__ = [
     "RunNotFoundError",
     "IncompatibleRunError",
     "FaissIndexError",
+    "DISK_ERRNOS",
+    "disk_error_message",
 ]
 
 
@@ -92,3 +97,22 @@ class FaissIndexError(EmbedstoreError, RuntimeError):
 
 #: Everything the CLI reports as ``Error: <message>`` with exit code 1 (never a traceback).
 USER_ERRORS: tuple[type[Exception], ...] = (EmbedstoreError,)
+
+# OSErrors that mean the disk, not the program: the CLI shows them as one line (disk_error_message).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def disk_error_message(e: OSError) -> str | None:
+    """One line for a full, failing or read-only disk (naming the file and what to do), or None
+    for any other OSError. Every store write is temp + fsync + rename, so nothing is half done."""
+    if e.errno not in DISK_ERRNOS:
+        return None
+    where = f" writing {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that file system (or choose another with more room) and re-run"
+    elif e.errno == errno.EROFS:
+        fix = "make that file system writable and re-run"
+    else:
+        fix = "check that disk (dmesg, smartctl) and re-run"
+    return (f"{e.strerror or os.strerror(e.errno)} (errno {e.errno}){where}: {fix}; "
+            "everything committed before it is kept.")

@@ -4,16 +4,18 @@ Production code only marks the points (``fault_point("before_fsync")``, or ``fau
 data, "mid_commit")`` where a write can be cut short); nothing happens unless the environment
 variable below is set, which only tests/test_store_crash.py does, in the subprocesses it kills.
 
-    EMBEDSTORE_CRASH_AT="<point>[:<nth>]"
+    EMBEDSTORE_CRASH_AT="<point>[:<nth>[:<action>]]"
 
-makes the process inject a fault the nth time (default 1) it reaches <point>. The fault today is
-always ``kill``: SIGKILL, no cleanup, exactly as `kill -9` would; at a write point the first half
-of the data is written first (a torn write). Another kind of fault is one more entry in
-``ACTIONS`` plus its branch in ``Fault.strike`` / ``Fault.write``.
+makes the process inject a fault the nth time (default 1) it reaches <point>. Actions:
+``kill`` (default): SIGKILL, no cleanup, exactly as `kill -9` would; at a write point the first
+half of the data is written first (a torn write). ``enospc`` / ``eio``: raise the OSError a full
+disk / a failing disk gives; at a write point after a short write of half the data. Another kind
+of fault is one more entry in ``ACTIONS`` plus its branch in ``Fault.strike`` / ``Fault.write``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -43,7 +45,8 @@ POINTS = (
     # merging a segment's commit parts into one
     "merge_after_publish",  # merged part published, the parts it covers not yet removed
 )
-ACTIONS = ("kill",)
+ACTIONS = ("kill", "enospc", "eio")
+_ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO}
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,14 @@ class Fault:
         if self.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)  # does not return
             return
+        if self.action in _ERRNO:
+            code = _ERRNO[self.action]
+            raise OSError(code, os.strerror(code))
         raise RuntimeError(f"internal error: fault action {self.action!r} has no strike")
 
     def write(self, fd: int, data: bytes) -> None:
         """Act in place of ``os.write(fd, data)``."""
-        if self.action == "kill":
-            os.write(fd, data[: len(data) // 2])  # a torn write, then the kill
+        os.write(fd, data[: len(data) // 2])  # a torn (short) write, then the fault
         self.strike()
 
 
@@ -89,7 +94,8 @@ class FaultPlan:
         self._guard = threading.Lock()
         if not spec:
             return
-        point, _, nth = spec.partition(":")
+        point, _, rest = spec.partition(":")
+        nth, _, action = rest.partition(":")
         if point not in POINTS:
             raise ConfigError(f"Unknown {ENV_VAR} point {point!r}. Valid: {list(POINTS)}.")
         try:
@@ -98,6 +104,11 @@ class FaultPlan:
             raise ConfigError(
                 f"{ENV_VAR}={spec!r}: the count after ':' must be an integer (e.g. '{point}:2')."
             ) from None
+        if action and action not in ACTIONS:
+            raise ConfigError(
+                f"{ENV_VAR}={spec!r}: unknown action {action!r}. Valid: {list(ACTIONS)}."
+            )
+        self.action = action or "kill"
         self.point = point
 
     def due(self, point: str) -> Fault | None:
@@ -139,11 +150,26 @@ def fault_write(fd: int, data, point: str | None) -> None:
     ``point``: then the fault does the write."""
     fault = None if point is None else fault_due(point)
     if fault is not None:
-        fault.write(fd, bytes(data))
+        try:
+            fault.write(fd, bytes(data))
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, _fd_path(fd)) from None
         return
     view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        if n <= 0:  # never for a regular file; guards an infinite loop
-            raise OSError(f"write returned {n}")
-        view = view[n:]
+    try:
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:  # never for a regular file; guards an infinite loop
+                raise OSError(errno.EIO, f"write returned {n}")
+            view = view[n:]
+    except OSError as e:
+        if e.filename is None:  # os.write names no file: name it, so the user knows what to free
+            raise OSError(e.errno, e.strerror, _fd_path(fd)) from e
+        raise
+
+
+def _fd_path(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
