@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from embedstore.errors import ConfigError
-from embedstore.fit import auc_score, surrogate_latents
+from embedstore.fit import auc_score
+from embedstore.testing import surrogate_latents
 from embedstore.fit_paper import PaperTrainConfig, fit_paper_prior, predict_paper_student
 
 DX, DC, W = 12, 10, 16
