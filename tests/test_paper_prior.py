@@ -23,8 +23,8 @@ from torch.nn import functional as F
 
 from embedstore.errors import ConfigError
 from embedstore.fit import auc_score
-from embedstore.testing import surrogate_latents
 from embedstore.fit_paper import PaperTrainConfig, fit_paper_prior, predict_paper_student
+from embedstore.testing import surrogate_latents
 
 DX, DC, W = 12, 10, 16
 TINY = dict(width=W, layers=2, heads=2)
