@@ -421,7 +421,7 @@ class _StageBars:
 def index_build(
     store: StoreArg,
     encoder: Annotated[str, typer.Option(help="Encoder key of the embedding set.")],
-    modality: Annotated[str | None, typer.Option(help="cxr or ctpa (default: the set's own).")] = None,
+    modality: Annotated[Modality | None, typer.Option(case_sensitive=False, help="cxr or ctpa (default: the set's own).")] = None,
     kind: Annotated[str | None, typer.Option(
         help="auto, flat, ivf, ivfpq, opq or hnsw (default: what the index was built with, else "
              "auto: flat up to 10^5 vectors, IVF-Flat while they fit in 8 GiB, IVF-PQ above).")] = None,
