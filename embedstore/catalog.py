@@ -178,6 +178,8 @@ def read_runs(runs_dir: Path) -> pa.Table:
     rows: list[dict] = []
     if runs_dir.is_dir():
         for d in sorted(runs_dir.iterdir()):
+            if d.name.startswith("."):  # a run being written (or a killed one's temp)
+                continue
             try:
                 config = json.loads((d / "config.json").read_text())
             except (OSError, ValueError):

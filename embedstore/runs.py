@@ -7,7 +7,7 @@
         metrics.json         validation metrics from training (eval adds eval.json)
         train_log.jsonl      one JSON object per epoch
 
-A run is written into ``runs/.tmp-<run_id>`` and renamed into place when complete, so a run that
+A run is written into ``runs/.tmp-<run_id>.<pid>-<hex>`` and renamed into place when complete, so a run that
 is visible is whole; an interrupted training leaves nothing that looks like a run.
 """
 
@@ -96,6 +96,21 @@ class Run:
                 )
 
 
+def _sweep_dead_temps(runs_dir: Path, run_id: str) -> None:
+    """Remove the temp folders of ``run_id`` whose writing process is gone (killed runs)."""
+    for p in runs_dir.glob(f".tmp-{run_id}.*"):
+        try:
+            pid = int(p.name[len(f".tmp-{run_id}."):].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 class RunWriter:
     """Collects a run's files in a temp folder; ``commit()`` renames it into place."""
 
@@ -109,8 +124,11 @@ class RunWriter:
         self.final = runs_dir / self.run_id
         if self.final.exists():
             raise IncompatibleRunError(f"Run {self.run_id!r} exists already; choose another --name.")
-        self.tmp = runs_dir / f".tmp-{self.run_id}"
-        self.tmp.mkdir(parents=True, exist_ok=False)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_dead_temps(runs_dir, self.run_id)
+        # one temp folder per writing process: a killed run's leftover never blocks a re-run
+        self.tmp = runs_dir / f".tmp-{self.run_id}.{os.getpid()}-{secrets.token_hex(3)}"
+        self.tmp.mkdir(exist_ok=False)
         self._log = (self.tmp / "train_log.jsonl").open("a")
 
     def log(self, row: Mapping[str, Any]) -> None:
