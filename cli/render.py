@@ -411,17 +411,15 @@ def neighbor_table(study_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def experiment_result(res: ExperimentResult) -> None:
     arms = res.summary["arms"]
-    fracs = sorted({r["label_fraction"] for r in arms})
-    names = list(dict.fromkeys(r["arm"] for r in arms))
-    cell = {(r["arm"], r["label_fraction"]): r for r in arms}
-    cols = [Col("arm"), *(Col(f"{f:g} labels", right=True) for f in fracs)]
-    rows = [[a, *(f"{cell[a, f]['auc_mean']:.3f} [{cell[a, f]['auc_ci'][0]:.3f}, "
-                  f"{cell[a, f]['auc_ci'][1]:.3f}]" if (a, f) in cell else "-" for f in fracs)]
-            for a in names]
     n_seeds = arms[0]["n_seeds"] if arms else 0
+    cols = [Col("labels", right=True), Col("arm"), Col("mean AUC", right=True),
+            Col("95% CI", right=True), Col("sd", right=True)]
+    rows = [[f"{r['label_fraction']:g}", r["arm"], f"{r['auc_mean']:.3f}",
+             f"[{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]", f"{r['auc_sd']:.3f}"]
+            for r in sorted(arms, key=lambda r: r["label_fraction"])]
     print_table(cols, rows, boxed=False, compact=True,
-                title=f"Experiment {res.experiment_id}: test AUC, mean over {n_seeds} seeds "
-                      "[95 % hierarchical CI: seeds, then patients]")
+                title=f"Experiment {res.experiment_id}: test AUC over {n_seeds} seeds "
+                      "(CI: seeds, then patients)")
     for v in res.summary["verdicts"]:
         _line(f"  {v}")
     _line(f"{res.cells_trained} cells trained, {res.cells_reused} reused, {res.seconds:.0f} s. "
