@@ -63,7 +63,7 @@ def plot_forest(summary: Mapping[str, Any], path: Path) -> Path:
     ax.set_yticks(y)
     ax.set_yticklabels([f"{r['arm']} - {r['reference']} @ {r['label_fraction']:g} "
                         f"({r['seeds_above_zero']}/{r['n_seeds']})" for r in rows], fontsize=8)
-    ax.set_xlabel("paired test dAUC (95 % hierarchical CI); (seeds whose own CI > 0)")
+    ax.set_xlabel("paired test dAUC, 95 % hierarchical CI\n(k/n: seeds whose own CI is above 0)")
     return _save(fig, path)
 
 
