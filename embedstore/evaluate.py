@@ -23,8 +23,8 @@ from embedstore import metrics as M
 from embedstore import plots
 from embedstore.errors import ConfigError
 from embedstore.fit import predict_student
-from embedstore.index import retrieval_metrics, shuffled_control
 from embedstore.report import markdown_table, write_html_report
+from embedstore.retrieval_metrics import retrieval_metrics, shuffled_control
 from embedstore.runs import Run, list_runs, load_run
 from embedstore.sql import literal
 from embedstore.store import Store, open_store

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedstore.errors import ConfigError, FaissIndexError, StoreFormatError, StoreNotFoundError
-from embedstore.index import EmbeddingIndex, ProgressFn, get_or_build_index, read_sidecar
+from embedstore.index import EmbeddingIndex, ProgressFn
+from embedstore.index_io import get_or_build_index, read_sidecar
 from embedstore.store import Store, open_store
 from embedstore.store.format import check_modality
 from embedstore.store.segment import SetDir, set_dirs

@@ -10,16 +10,9 @@ import pytest
 
 import embedstore.index as index_mod
 from embedstore.errors import ConfigError, FaissIndexError
-from embedstore.index import (
-    build_index,
-    get_or_build_index,
-    load_index,
-    retrieval_metrics,
-    save_index,
-    shuffled_control,
-    sidecar_path,
-    vectors_checksum,
-)
+from embedstore.index import build_index, sidecar_path, vectors_checksum
+from embedstore.index_io import get_or_build_index, load_index, save_index
+from embedstore.retrieval_metrics import retrieval_metrics, shuffled_control
 
 
 def _clustered(n: int, d: int, seed: int, n_clusters: int = 20) -> np.ndarray:
