@@ -43,14 +43,9 @@ import pyarrow.parquet as pq
 from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import ConfigError, DicomError, EmbedstoreError
 from embedstore.manifest import Manifest, load_manifest, write_manifest
-from embedstore.phantom import (
-    PHANTOM_VERSION,
-    frontal_image,
-    frontal_pixel_mm,
-    line_integrals,
-    to_12bit,
-)
+from embedstore.phantom import PHANTOM_VERSION
 from embedstore.progress import Reporter, reporter_or_null
+from embedstore.projection import frontal_image, frontal_pixel_mm, line_integrals, to_12bit
 
 __all__ = [
     "DRR_VERSION",
