@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from embedstore.errors import ConfigError
-from embedstore.models.baselines import MLPRegressor, RidgeRegression
+from embedstore.models.baselines import RidgeRegression
 from embedstore.models.heads import HEAD_KINDS, HeadConfig, _JsonConfig, create_head
 from embedstore.models.losses import freeze, prior_loss
 from embedstore.models.prior import DiffusionPrior, PriorConfig
@@ -33,7 +33,6 @@ __all__ = [
     "ClassifierTrainConfig",
     "PriorTrainConfig",
     "RidgeTrainConfig",
-    "RegressorTrainConfig",
     "FitResult",
     "EpochCallback",
     "fit_classifier",
@@ -42,7 +41,6 @@ __all__ = [
     "fit_ridge_logit",
     "predict_ridge_logit",
     "fit_ridge_embed",
-    "fit_mlp_embed",
     "predict_embed_student",
     "auc_score",
     "resolve_device",
@@ -170,28 +168,6 @@ class RidgeTrainConfig(_TrainConfig):
     def __post_init__(self) -> None:
         if not self.alphas or any(a < 0 for a in self.alphas):
             raise ConfigError(f"alphas must be a non-empty list of values >= 0, got {self.alphas!r}.")
-
-
-@dataclass(frozen=True)
-class RegressorTrainConfig(_TrainConfig):
-    """MLP regressor CXR -> CTPA embedding, selected on the teacher's validation AUC."""
-
-    hidden: int = 512
-    depth: int = 2
-    dropout: float = 0.1
-    epochs: int = 200
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    patience: int = 20
-    seed: int = 0
-    device: str = "cpu"
-    amp_bf16: bool = False
-    # the heads and the prior are small: one thread beats OpenMP spinning on shared cores
-    num_threads: int = 1
-
-    def __post_init__(self) -> None:
-        self._check_common()
 
 
 @dataclass
@@ -622,41 +598,3 @@ def fit_ridge_embed(
         raise RuntimeError("no ridge penalty was evaluated")
     return FitResult(best[2].eval(), history, best[1], best[0], time.perf_counter() - t0,
                      {"alpha": cfg.alphas[best[1]]})
-
-
-def fit_mlp_embed(
-    cxr_tr: torch.Tensor,
-    ctpa_tr: torch.Tensor,
-    teacher: nn.Module,
-    cxr_val: torch.Tensor,
-    y_val: torch.Tensor,
-    cfg: RegressorTrainConfig = RegressorTrainConfig(),
-    *,
-    on_epoch: EpochCallback | None = None,
-) -> FitResult:
-    """MLP regression CXR -> CTPA embedding (MSE in standardised units), scored by the teacher."""
-    t0 = time.perf_counter()
-    dev = resolve_device(cfg.device)
-    cxr_tr, ctpa_tr, cxr_val = (
-        _as_tensor(a, n, ndim=2).to(dev)
-        for a, n in ((cxr_tr, "cxr_tr"), (ctpa_tr, "ctpa_tr"), (cxr_val, "cxr_val"))
-    )
-    y_val = _check_labels(_as_tensor(y_val, "y_val", ndim=1), "y_val", cxr_val.shape[0])
-    frozen = _teacher_copy(teacher, dev)
-    with _seeded(cfg.seed, dev, cfg.num_threads):
-        model = MLPRegressor(cxr_tr.shape[1], ctpa_tr.shape[1], cfg.hidden, cfg.depth, cfg.dropout).to(dev)
-        model.set_standardizer(cxr_tr, ctpa_tr)
-
-        def step(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            err = (model(cxr_tr.index_select(0, idx)) - ctpa_tr.index_select(0, idx)) / model.y_std  # (B, Dc)
-            loss = (err.float() ** 2).mean()
-            return loss, {"mse": float(loss.detach())}
-
-        def evaluate() -> float:
-            return auc_score(frozen(model(cxr_val)).float(), y_val)
-
-        hist, best_epoch, best_auc = _train_loop(
-            model, list(model.parameters()), step, evaluate, cxr_tr.shape[0], cfg, dev, on_epoch,
-            eval_every=1,
-        )
-    return FitResult(model, hist, best_epoch, best_auc, time.perf_counter() - t0)

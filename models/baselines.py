@@ -2,7 +2,6 @@
 
 * ``RidgeRegression``: closed-form ridge on standardised inputs, CXR -> CTPA embedding
   (multi-output) or CXR -> teacher logit (single output).
-* ``MLPRegressor``: a small MLP, CXR -> CTPA embedding, trained by ``embedstore.fit``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import torch
 from embedstore.models.heads import STD_FLOOR, ModelConfigError
 from torch import nn
 
-__all__ = ["RidgeRegression", "MLPRegressor"]
+__all__ = ["RidgeRegression"]
 
 
 
@@ -65,38 +64,3 @@ class RidgeRegression(nn.Module):
             raise ModelConfigError(f"RidgeRegression expects (N, {self.in_dim}), got {tuple(x.shape)}.")
         out = ((x - self.x_mean) / self.x_std) @ self.weight + self.bias  # (N, Dy)
         return out.squeeze(-1) if self.squeeze else out
-
-
-class MLPRegressor(nn.Module):
-    """MLP regressor with stored input/target standardisation: (N, Dx) -> (N, Dy)."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, depth: int = 2, dropout: float = 0.1):
-        super().__init__()
-        if min(in_dim, out_dim, hidden, depth) < 1 or not 0 <= dropout < 1:
-            raise ModelConfigError(
-                f"MLPRegressor needs positive dims/depth and dropout in [0, 1), got in_dim={in_dim}, "
-                f"out_dim={out_dim}, hidden={hidden}, depth={depth}, dropout={dropout}."
-            )
-        self.register_buffer("x_mean", torch.zeros(in_dim))  # (Dx,)
-        self.register_buffer("x_std", torch.ones(in_dim))  # (Dx,)
-        self.register_buffer("y_mean", torch.zeros(out_dim))  # (Dy,)
-        self.register_buffer("y_std", torch.ones(out_dim))  # (Dy,)
-        layers: list[nn.Module] = []
-        d = in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout)]
-            d = hidden
-        layers.append(nn.Linear(d, out_dim))
-        self.net = nn.Sequential(*layers)
-
-    @torch.no_grad()
-    def set_standardizer(self, x_train: torch.Tensor, y_train: torch.Tensor) -> None:
-        """Store training-split mean/std of inputs and targets (the net works in z-units)."""
-        self.x_mean.copy_(x_train.float().mean(0))
-        self.x_std.copy_(x_train.float().std(0).clamp_min(STD_FLOOR))
-        self.y_mean.copy_(y_train.float().mean(0))
-        self.y_std.copy_(y_train.float().std(0).clamp_min(STD_FLOOR))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.net((x - self.x_mean) / self.x_std)  # (N, Dy) standardised
-        return z * self.y_std + self.y_mean  # (N, Dy)

@@ -14,11 +14,9 @@ from embedstore.errors import ConfigError
 from embedstore.fit import (
     ClassifierTrainConfig,
     PriorTrainConfig,
-    RegressorTrainConfig,
     RidgeTrainConfig,
     auc_score,
     fit_classifier,
-    fit_mlp_embed,
     fit_prior,
     fit_ridge_embed,
     fit_ridge_logit,
@@ -68,7 +66,7 @@ def test_fit_api_has_no_test_split_argument():
             assert any("val" in p for p in params), f"{name} has no validation input"
 
 
-@pytest.mark.parametrize("cls", [ClassifierTrainConfig, PriorTrainConfig, RidgeTrainConfig, RegressorTrainConfig])
+@pytest.mark.parametrize("cls", [ClassifierTrainConfig, PriorTrainConfig, RidgeTrainConfig])
 def test_train_configs_json_round_trip_and_refuse_unknown(cls):
     cfg = cls()
     assert cls.from_json(cfg.to_json()) == cfg
@@ -206,14 +204,6 @@ def test_ridge_baselines_select_alpha_on_validation(data, teacher):
             predict_ridge_logit(rl.model, val["cxr"]), predict_embed_student(re.model, teacher, val["cxr"]),
             atol=1e-4, rtol=1e-4,
         )
-
-
-def test_fit_mlp_embed_runs_and_selects(data, teacher):
-    tr, val = data["tr"], data["val"]
-    res = fit_mlp_embed(tr["cxr"], tr["ctpa"], teacher, val["cxr"], val["y"],
-                        RegressorTrainConfig(hidden=16, epochs=6, patience=3))
-    assert res.val_auc == max(r["val_auc"] for r in res.history)
-    assert predict_embed_student(res.model, teacher, val["cxr"]).shape == (val["cxr"].shape[0],)
 
 
 # ------------------------------------------------------------------------------ science

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from embedstore.models.baselines import MLPRegressor, RidgeRegression
+from embedstore.models.baselines import RidgeRegression
 from embedstore.models.errors import ModelError
 from embedstore.models.heads import (
     HEAD_KINDS,
@@ -323,17 +323,6 @@ def test_ridge_matches_sklearn_on_standardised_inputs():
     xs = ((x - x.mean(0)) / x.std(0)).double().numpy()
     ref = sklearn_linear.Ridge(alpha=5.0).fit(xs, y.double().numpy())
     torch.testing.assert_close(ours.weight[:, 0].double(), torch.from_numpy(ref.coef_), atol=1e-6, rtol=1e-6)
-
-
-def test_mlp_regressor_shapes_and_standardiser():
-    model = MLPRegressor(5, 4, hidden=8, depth=2, dropout=0.0)
-    x, y = torch.randn(20, 5), torch.randn(20, 4) * 10 + 50
-    model.set_standardizer(x, y)
-    out = model(x)
-    assert out.shape == (20, 4)
-    assert 30 < float(out.detach().mean()) < 70  # predictions come back in the target's units
-    with pytest.raises(ModelConfigError):
-        MLPRegressor(5, 4, depth=0)
 
 
 # ------------------------------------------------------------------------------ layering
