@@ -46,10 +46,11 @@ class PriorConfig(_JsonConfig):
     cond_dim: int
     target_dim: int
     arch: Literal["mlp", "transformer"] = "mlp"
-    hidden: int = 512
-    depth: int = 3
+    # defaults are the trainer's (embedstore.fit.PriorTrainConfig); a test keeps them equal
+    hidden: int = 256
+    depth: int = 2
     heads: int = 4
-    dropout: float = 0.0
+    dropout: float = 0.2
     time_embed_dim: int = 128
     prediction: Literal["sample", "epsilon", "v_prediction"] = "sample"
     num_train_timesteps: int = 1000

@@ -235,3 +235,20 @@ def test_fit_prior_on_cuda_with_bf16(data):
     assert next(res.model.parameters()).device.type == "cuda"
     mean, std, _ = predict_student(res.model, teacher, val["cxr"], num_samples=2, steps=3)
     assert torch.isfinite(mean).all() and bool((std >= 0).all())
+
+
+@pytest.mark.parametrize(("train_cls", "model_cls"), [(PriorTrainConfig, "PriorConfig"),
+                                                      (ClassifierTrainConfig, "HeadConfig")])
+def test_trainer_and_model_configs_share_defaults(train_cls, model_cls):
+    """A field declared both in a training config and in the model config it builds has one default:
+    library users of the model config get what `embedstore train` trains (no drift)."""
+    import dataclasses
+
+    from embedstore.models import heads, prior
+
+    mcls = getattr(prior, model_cls, None) or getattr(heads, model_cls)
+    tdef = {f.name: f.default for f in dataclasses.fields(train_cls)}
+    mdef = {f.name: f.default for f in dataclasses.fields(mcls) if f.default is not dataclasses.MISSING}
+    shared = set(tdef) & set(mdef)
+    assert shared, "no shared fields: the test is checking nothing"
+    assert {k: tdef[k] for k in shared} == {k: mdef[k] for k in shared}
