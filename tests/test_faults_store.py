@@ -1,7 +1,7 @@
 """Disk faults on the store's write path: a full disk, a failing device and a write that comes
 back short without saying so. Each must end the writer with one typed error naming the path,
 publish nothing half-written, and let a re-run finish to the clean run's rows and bytes
-(EMBEDSTORE_CRASH_AT="<point>[:<nth>]@<action>", embedstore/store/_faults.py)."""
+(EMBEDSTORE_CRASH_AT="<point>[:<nth>]@<action>", embedstore/_faults.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The commit record (embedstore.store.commitlog): its Parquet part format, how parts cover each
 other, its parser, and that it has exactly one home; the schema_version 1 parser kept for
-`embedstore upgrade`; and the crash-test hook (embedstore.store._faults)."""
+`embedstore upgrade`; and the crash-test hook (embedstore._faults)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedstore._faults import FaultPlan
 from embedstore.errors import ConfigError, StoreCorruptError
 from embedstore.store import open_store
 from embedstore.store._backend import LocalBackend
-from embedstore.store._faults import FaultPlan
 from embedstore.store.commitlog import (
     COMMIT_SCHEMA,
     PART_META_KEY,
@@ -188,7 +188,7 @@ def test_the_commit_record_and_the_crash_hook_each_have_one_home() -> None:
     assert _library_files_containing(r"pq\.write_table|ParquetWriter", "embedstore/store") == [
         "embedstore/store/commitlog.py", "embedstore/store/reader.py"]
     assert _library_files_containing(r"EMBEDSTORE_CRASH_AT|_CRASH_AT") == [
-        "embedstore/store/_faults.py"
+        "embedstore/_faults.py"
     ]
 
 

@@ -39,8 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from embedstore._faults import PutFaults, fault_point, fault_write
 from embedstore.errors import DISK_ERRNOS, DiskWriteError, disk_write_error
-from embedstore.store._faults import PutFaults, fault_point, fault_write
 
 __all__ = ["Backend", "LocalBackend", "TEMP_SUFFIX"]
 

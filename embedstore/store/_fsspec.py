@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import BinaryIO
 
+from embedstore._faults import PutFaults, fault_point
 from embedstore.store._backend import Buffer
-from embedstore.store._faults import PutFaults, fault_point
 
 __all__ = ["FsspecBackend"]
 

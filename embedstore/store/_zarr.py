@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from embedstore._faults import PutFaults
 from embedstore.errors import StoreCorruptError, StoreFormatError
 from embedstore.store._backend import TEMP_SUFFIX, Backend, LocalBackend
-from embedstore.store._faults import PutFaults
 
 __all__ = ["RowArray", "sweep_partials", "chunk_rows_for", "CHUNK_TARGET_BYTES"]
 

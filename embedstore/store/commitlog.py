@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedstore._faults import PutFaults
 from embedstore.errors import StoreCorruptError
 from embedstore.store._arrow import from_np, sort_indices, strings
 from embedstore.store._backend import Backend
-from embedstore.store._faults import PutFaults
 from embedstore.store.format import SCHEMA_VERSION, micros
 
 __all__ = [

@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from embedstore._faults import fault_point
 from embedstore._fsio import atomic_write_bytes, tree_size
 from embedstore.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from embedstore.store._arrow import bools, from_np, np_of, strings
 from embedstore.store._backend import TEMP_SUFFIX, Backend, LocalBackend
 from embedstore.store._crc import combine_rows
-from embedstore.store._faults import fault_point
 from embedstore.store._zarr import RowArray, sweep_partials
 from embedstore.store.commitlog import (
     COMMIT_SCHEMA,

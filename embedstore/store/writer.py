@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedstore._faults import PutFaults, fault_point
 from embedstore.errors import ConfigError, StoreFormatError, StoreLockedError
 from embedstore.store._arrow import strings, table
-from embedstore.store._faults import PutFaults, fault_point
 from embedstore.store._zarr import RowArray, chunk_rows_for, sweep_partials
 from embedstore.store.commitlog import CommitRecord, PartLog, failure_table, merge_parts
 from embedstore.store.format import (
