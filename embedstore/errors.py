@@ -109,13 +109,18 @@ class DiskWriteError(EmbedstoreError, OSError):
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
-def disk_write_error(e: OSError, path: object) -> DiskWriteError:
-    """The typed error for a failed write of ``path`` (keeps the errno and the path)."""
+def disk_write_error(e: OSError, path: object, *, maintenance: bool = False) -> DiskWriteError:
+    """The typed error for a failed write of ``path`` (keeps the errno and the path).
+
+    ``maintenance``: the failure hit the tidying that follows a commit (merging commit parts,
+    compacting segments); the rows are committed and only that tidying is left to ``gc``."""
     what = e.strerror or os.strerror(e.errno or errno.EIO)
     fix = ("Free space on that file system" if e.errno in (errno.ENOSPC, errno.EDQUOT)
            else "Check or replace the device (or remount it writable)")
-    err = DiskWriteError(f"Could not write {path}: {what}. {fix}, then re-run the same command: "
-                         "everything committed before is kept.")
+    then = ("The rows written are committed; only tidying the set (merging or compacting) is "
+            f"unfinished. {fix}, then run `embedstore gc STORE` to finish it." if maintenance
+            else f"{fix}, then re-run the same command: everything committed before is kept.")
+    err = DiskWriteError(f"Could not write {path}: {what}. {then}")
     err.errno, err.strerror, err.filename = e.errno, what, str(path)
     return err
 

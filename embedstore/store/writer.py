@@ -12,12 +12,13 @@ for the keys asked about, never from a set of every stored key in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import socket
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedstore._faults import PutFaults, fault_point
-from embedstore.errors import ConfigError, StoreFormatError, StoreLockedError
+from embedstore.errors import (
+    DISK_ERRNOS,
+    ConfigError,
+    DiskWriteError,
+    StoreFormatError,
+    StoreLockedError,
+    disk_write_error,
+)
 from embedstore.store._arrow import strings, table
 from embedstore.store._zarr import RowArray, chunk_rows_for, sweep_partials
 from embedstore.store.commitlog import CommitRecord, PartLog, failure_table, merge_parts
@@ -211,7 +219,8 @@ class StoreWriter:
             if not self._broken:
                 self.flush()
                 self._finalise()
-                self._tidy_parts()
+                with _maintenance_disk_errors(f"{self.store.root}/{self._set.key}"):
+                    self._tidy_parts()
         finally:
             for ex in (self._committer, self._pool):
                 if ex is not None:
@@ -658,7 +667,21 @@ class StoreWriter:
         except StoreLockedError:
             return
         try:
-            self.compacted = maintenance.auto_compact(self.store, self._set)
+            with _maintenance_disk_errors(f"{self.store.root}/{self._set.key}"):
+                self.compacted = maintenance.auto_compact(self.store, self._set)
         finally:
             lock.release()
 
+
+@contextlib.contextmanager
+def _maintenance_disk_errors(set_key: str) -> Iterator[None]:
+    """A full disk or failing device while tidying a set after its rows were committed: one typed
+    error that says the rows are safe and that ``gc`` finishes the tidying."""
+    try:
+        yield
+    except DiskWriteError as e:
+        raise disk_write_error(e, e.filename or set_key, maintenance=True) from e
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_write_error(e, getattr(e, "filename", None) or set_key, maintenance=True) from e
+        raise
