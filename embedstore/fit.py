@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from embedstore.errors import ConfigError
-from embedstore.models.baselines import RidgeRegression
+from embedstore.models.baselines import RidgePath, RidgeRegression
 from embedstore.models.heads import HEAD_KINDS, HeadConfig, _JsonConfig, create_head
 from embedstore.models.losses import freeze, prior_loss
 from embedstore.models.prior import DiffusionPrior, PriorConfig
@@ -420,21 +420,22 @@ def predict_student(
 
 
 @torch.no_grad()
-def _select_mean_alpha(prior: DiffusionPrior, teacher: nn.Module, c_all: torch.Tensor,
-                       x_all: torch.Tensor, cxr_val: torch.Tensor, y_val: torch.Tensor) -> None:
-    """Pick the ridge-mean penalty by the validation AUC of teacher(mean) (validation only)."""
+def _select_mean_alpha(prior: DiffusionPrior, teacher: nn.Module, path: RidgePath,
+                       cxr_val: torch.Tensor, y_val: torch.Tensor) -> None:
+    """Pick the ridge-mean penalty by the validation AUC of teacher(mean) (validation only);
+    ``path``: the ridge path over the standardised training pairs (each penalty O(Dx^2 Dc))."""
     from embedstore.models.prior import RIDGE_ALPHAS
 
     c_val = prior.standardize_cond(cxr_val)  # (Nv, Dx)
     best: tuple[float, float] | None = None
     for alpha in RIDGE_ALPHAS:
-        prior.fit_mean(c_all, x_all, alpha)
+        prior.set_mean_from_path(path, alpha)
         auc = auc_score(teacher(prior.unstandardize_target(prior.prior_mean(c_val))).float(), y_val)
         if best is None or auc > best[0] + 1e-9:
             best = (auc, alpha)
     if best is None:  # cannot happen: cfg.alphas is validated non-empty
         raise RuntimeError("no ridge penalty was evaluated")
-    prior.fit_mean(c_all, x_all, best[1])
+    prior.set_mean_from_path(path, best[1])
 
 
 def fit_prior(
@@ -480,13 +481,13 @@ def fit_prior(
 
     with _seeded(cfg.seed, dev, cfg.num_threads):
         prior = DiffusionPrior(cfg.prior_config(cxr_tr.shape[1], ctpa_tr.shape[1])).to(dev)
-        prior.set_standardizers(cxr_tr, ctpa_tr)
+        path = prior.set_standardizers(cxr_tr, ctpa_tr)  # one pass over the pairs
         prior.ema.copy_from(prior.denoiser)
         with torch.no_grad():
             c_all = prior.standardize_cond(cxr_tr)  # (N, Dx) standardised once, sliced per batch
             x_all = prior.standardize_target(ctpa_tr)  # (N, Dc)
-            if prior.config.mean_model == "ridge":
-                _select_mean_alpha(prior, frozen, c_all, x_all, cxr_val, y_val)
+            if path is not None:
+                _select_mean_alpha(prior, frozen, path, cxr_val, y_val)
         noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
 
         def teacher_on_z(z: torch.Tensor) -> torch.Tensor:
@@ -542,8 +543,8 @@ def fit_ridge_logit(
     target = _teacher_logits(teacher, ctpa_tr)  # (N,)
     best: tuple[float, int, RidgeRegression] | None = None
     history = []
-    for i, alpha in enumerate(cfg.alphas):
-        model = RidgeRegression(cxr_tr.shape[1], 1, alpha=alpha).fit(cxr_tr, target)
+    for i, (alpha, model) in enumerate(zip(cfg.alphas, RidgeRegression.fit_path(cxr_tr, target, cfg.alphas),
+                                           strict=True)):
         with torch.no_grad():
             auc = auc_score(model(cxr_val), y_val)
         history.append({"epoch": i, "alpha": alpha, "val_auc": auc})
@@ -587,9 +588,8 @@ def fit_ridge_embed(
     y_val = _check_labels(_as_tensor(y_val, "y_val", ndim=1), "y_val", cxr_val.shape[0])
     best: tuple[float, int, RidgeRegression] | None = None
     history = []
-    for i, alpha in enumerate(cfg.alphas):
-        model = RidgeRegression(cxr_tr.shape[1], ctpa_tr.shape[1], alpha=alpha, squeeze=False)
-        model.fit(cxr_tr, ctpa_tr)
+    models = RidgeRegression.fit_path(cxr_tr, ctpa_tr, cfg.alphas, squeeze=False)
+    for i, (alpha, model) in enumerate(zip(cfg.alphas, models, strict=True)):
         auc = auc_score(predict_embed_student(model, teacher, cxr_val), y_val)
         history.append({"epoch": i, "alpha": alpha, "val_auc": auc})
         if best is None or auc > best[0] + 1e-9:

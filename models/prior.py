@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from embedstore.models.baselines import RidgePath
 from embedstore.models.heads import STD_FLOOR, ModelConfigError, _check, _JsonConfig
 from torch import nn
 
@@ -250,8 +251,11 @@ class DiffusionPrior(nn.Module):
 
     # ----------------------------------------------------------------- standardisation
     @torch.no_grad()
-    def set_standardizers(self, cond_train: torch.Tensor, target_train: torch.Tensor) -> None:
-        """Fit per-dimension mean/std of condition and target on the training split."""
+    def set_standardizers(self, cond_train: torch.Tensor, target_train: torch.Tensor
+                          ) -> RidgePath | None:
+        """Fit per-dimension mean/std of condition and target on the training split, and the
+        ridge mean (penalty by GCV) when ``mean_model == "ridge"``; returns that ridge path (every
+        other penalty is then one ``set_mean_from_path`` away) or None."""
         for name, x, d in (
             ("cond", cond_train, self.config.cond_dim),
             ("target", target_train, self.config.target_dim),
@@ -264,11 +268,12 @@ class DiffusionPrior(nn.Module):
             getattr(self, f"{name}_mean").copy_(x.mean(0))
             getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(STD_FLOOR))
         if self.config.mean_model == "ridge":
-            self._fit_ridge_mean(self.standardize_cond(cond_train.to(self.cond_mean)),
-                                 self.standardize_target(target_train.to(self.cond_mean)))
+            return self._fit_ridge_mean(self.standardize_cond(cond_train.to(self.cond_mean)),
+                                        self.standardize_target(target_train.to(self.cond_mean)))
+        return None
 
     @torch.no_grad()
-    def _fit_ridge_mean(self, c: torch.Tensor, y: torch.Tensor) -> None:
+    def _fit_ridge_mean(self, c: torch.Tensor, y: torch.Tensor) -> RidgePath:
         """Closed-form ridge c (N, Dx) -> y (N, Dc), penalty chosen by generalised CV.
 
         The linear part of E[x0 | c] is what a few hundred pairs can estimate reliably; the
@@ -276,30 +281,23 @@ class DiffusionPrior(nn.Module):
         uncertainty) instead of re-learning a regression by SGD. ``fit_mean`` refits it with
         another penalty (the trainer picks one on validation).
         """
-        c64, y64 = c.double(), y.double()
-        n = c64.shape[0]
-        u, sv, _ = torch.linalg.svd(c64, full_matrices=False)  # (N, r), (r,)
-        uty = u.T @ y64  # (r, Dc)
-        best: tuple[float, float] | None = None
-        for alpha in RIDGE_ALPHAS:
-            shrink = sv**2 / (sv**2 + alpha)  # (r,)
-            resid = y64 - u @ (shrink[:, None] * uty)  # (N, Dc)
-            df = float(shrink.sum())
-            gcv = float((resid**2).sum()) / (n * max(1.0 - df / n, 1e-6) ** 2)
-            if best is None or gcv < best[0]:
-                best = (gcv, float(alpha))
-        if best is None:  # internal invariant
-            raise RuntimeError("internal error: best was not set")
-        self.fit_mean(c, y, best[1])
+        path = RidgePath(c, y)  # one pass: every penalty from one Gram matrix
+        alpha = min(RIDGE_ALPHAS, key=path.gcv)
+        self.set_mean_from_path(path, alpha)
+        return path
 
     @torch.no_grad()
     def fit_mean(self, cond_std: torch.Tensor, target_std: torch.Tensor, alpha: float) -> None:
         """Set the ridge mean from standardised (N, Dx) conditions and (N, Dc) targets."""
-        c64, y64 = cond_std.double(), target_std.double()
-        eye = torch.eye(c64.shape[1], dtype=torch.float64, device=c64.device)
-        w = torch.linalg.solve(c64.T @ c64 + alpha * eye, c64.T @ y64)  # (Dx, Dc)
+        self.set_mean_from_path(RidgePath(cond_std, target_std), alpha)
+
+    @torch.no_grad()
+    def set_mean_from_path(self, path: RidgePath, alpha: float) -> None:
+        """Set the ridge mean to ``path``'s solution at ``alpha`` (a path over standardised
+        conditions and targets, e.g. to try several penalties without new passes)."""
+        w = path.weight(alpha)  # (Dx, Dc)
         self.mean_weight.copy_(w.float())
-        self.mean_bias.copy_((y64 - c64 @ w).mean(0).float())
+        self.mean_bias.copy_(path.intercept(w).float())
         self.mean_alpha.fill_(alpha)
 
     def prior_mean(self, cond_std: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def _one_thread():
 
 def _prior(**kw) -> DiffusionPrior:
     torch.manual_seed(0)
-    base = dict(cond_dim=DX, target_dim=DC, hidden=32, depth=2, time_embed_dim=16, heads=4)
+    base = dict(cond_dim=DX, target_dim=DC, hidden=32, depth=2, time_embed_dim=16, heads=4, dropout=0.0)
     return DiffusionPrior(PriorConfig(**{**base, **kw}))
 
 
@@ -362,3 +362,78 @@ def test_ridge_mean_is_fitted_and_the_sampler_runs_around_it():
     torch.testing.assert_close(flat[:, 0], plain.target_mean.expand(6, DC))  # no mean model
     with pytest.raises(ModelError, match="mean_model"):
         PriorConfig(cond_dim=DX, target_dim=DC, mean_model="lasso")
+
+
+# ------------------------------------------------------------------------------ ridge path
+def _direct_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    return torch.linalg.solve(xc.T @ xc + alpha * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ yc)
+
+
+@pytest.mark.parametrize("n", [40, 7])  # N > Dx (primal) and N < Dx (rank-deficient Gram)
+def test_ridge_path_weights_equal_a_direct_solve_at_every_penalty(n):
+    from embedstore.models.baselines import RidgePath
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 9, generator=g, dtype=torch.float64) * 3 + 2
+    y = x @ torch.randn(9, 3, generator=g, dtype=torch.float64) + torch.randn(n, 3, generator=g, dtype=torch.float64)
+    path = RidgePath(x, y, chunk_rows=5)  # several chunks: the one-pass sums must add up
+    for alpha in (0.01, 1.0, 30.0):
+        torch.testing.assert_close(path.weight(alpha), _direct_ridge(x, y, alpha))
+        w = path.weight(alpha)
+        pred = x @ w + path.intercept(w)  # uncentred inputs + intercept
+        torch.testing.assert_close(pred, (x - x.mean(0)) @ w + y.mean(0))
+        rss = float(((y - pred) ** 2).sum())
+        assert path.rss(alpha) == pytest.approx(rss, rel=1e-9)
+
+
+def test_ridge_path_gcv_matches_the_svd_formula():
+    from embedstore.models.baselines import RidgePath
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    x = x - x.mean(0)
+    y = x[:, :2] * 2 + torch.randn(60, 2, generator=g, dtype=torch.float64)
+    y = y - y.mean(0)
+    u, sv, _ = torch.linalg.svd(x, full_matrices=False)
+    path = RidgePath(x, y)
+    for alpha in (0.1, 3.0, 100.0):
+        shrink = sv**2 / (sv**2 + alpha)
+        resid = y - u @ (shrink[:, None] * (u.T @ y))
+        gcv = float((resid**2).sum()) / (60 * (1 - float(shrink.sum()) / 60) ** 2)
+        assert path.gcv(alpha) == pytest.approx(gcv, rel=1e-9)
+        assert path.df(alpha) == pytest.approx(float(shrink.sum()), rel=1e-9)
+
+
+def test_ridge_regression_fit_path_equals_one_fit_per_penalty():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(50, 6, generator=g) * 4, torch.randn(50, 2, generator=g)
+    alphas = [0.1, 1.0, 10.0]
+    for a, m in zip(alphas, RidgeRegression.fit_path(x, y, alphas, squeeze=False), strict=True):
+        one = RidgeRegression(6, 2, alpha=a, squeeze=False).fit(x, y)
+        torch.testing.assert_close(m(x), one(x))
+        assert m.alpha == a
+    # and the fit is the standardised ridge (same as a direct solve on z-scored inputs)
+    xs = (x.double() - x.double().mean(0)) / x.double().std(0)
+    w = _direct_ridge(xs, y.double(), 1.0)
+    torch.testing.assert_close(RidgeRegression(6, 2, alpha=1.0, squeeze=False).fit(x, y).weight.double(), w,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_prior_ridge_mean_takes_the_gcv_minimum():
+    from embedstore.models.baselines import RidgePath
+    from embedstore.models.prior import RIDGE_ALPHAS
+
+    prior = _prior()
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(80, DX, generator=g)
+    x = c @ torch.randn(DX, DC, generator=g) * 0.3 + torch.randn(80, DC, generator=g)
+    prior.set_standardizers(c, x)
+    cs, xs = prior.standardize_cond(c), prior.standardize_target(x)
+    path = RidgePath(cs, xs)
+    scores = [path.gcv(a) for a in RIDGE_ALPHAS]
+    best = RIDGE_ALPHAS[scores.index(min(scores))]
+    assert RIDGE_ALPHAS[0] < best < RIDGE_ALPHAS[-1]  # an interior optimum: the search matters
+    assert float(prior.mean_alpha) == pytest.approx(best)
+    torch.testing.assert_close(prior.mean_weight.double(), _direct_ridge(cs.double(), xs.double(), best),
+                               atol=1e-5, rtol=1e-4)
