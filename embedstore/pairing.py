@@ -257,6 +257,6 @@ def aggregate_per_ctpa(
         y[inverse] = lab  # the last pair's label; checked against every pair's below
         same = (y[inverse] == lab) | (np.isnan(y[inverse]) & np.isnan(lab))
         if not same.all():
-            bad = ids[inverse[np.flatnonzero(~same)[0]]]
+            bad = str(ids[inverse[np.flatnonzero(~same)[0]]])
             raise ConfigError(f"CTPA {bad!r} has pairs with different labels; labels are per CTPA.")
     return [str(i) for i in ids], out, y
