@@ -212,7 +212,7 @@ def extract(
 @_user_errors
 def query(
     store: StoreArg,
-    sql: Annotated[str, typer.Argument(help="One read-only SELECT over studies, embeddings, pairs, failures, runs.")],
+    sql: Annotated[str, typer.Argument(help="One read-only SELECT over studies, embeddings, pairs, pair_candidates, failures, runs, experiments.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet.")] = "table",
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 30.0,

@@ -315,7 +315,7 @@ class Catalog:
             except duckdb.PermissionException as e:
                 raise QueryRefusedError(
                     f"Refused: the query reads or writes files outside the store {str(self.root)!r} "
-                    f"({e}). Query the views studies, embeddings, pairs, failures, runs, experiments instead."
+                    f"({e}). Query the views studies, embeddings, pairs, pair_candidates, failures, runs, experiments instead."
                 ) from e
             except duckdb.IOException as e:
                 # A file a view names vanished: gc merged or compacted parts after the catalog
