@@ -65,11 +65,7 @@ def parse_duration(text: str | float, *, option: str = "--max-gap") -> float:
 
 
 def _hours_text(h: float) -> str:
-    if h >= 24 and (h / 24).is_integer():
-        return f"{h / 24:g}d"
-    if h.is_integer() or h >= 1:
-        return f"{h:g}h"
-    return f"{h * 60:g}m"
+    return f"{h:g} h" if h >= 1 else f"{h * 60:g} min"
 
 
 @dataclass(frozen=True)

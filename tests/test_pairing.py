@@ -83,6 +83,20 @@ def test_two_ctpa_workups_of_one_patient_share_patient_and_split(tmp_path: Path)
         "patient_ids"] == "patient_column"
 
 
+def test_import_paired_cli_passes_patient_and_time_columns(tmp_path: Path, monkeypatch) -> None:
+    src, ct, cxr = _paired_csv(tmp_path, _cohort_rows(6))
+    monkeypatch.setenv("EMBEDSTORE_PSEUDONYM_KEY", KEY.decode())
+    r = CliRunner().invoke(app, ["manifest", "import-paired", str(src), "--ct-dir", str(ct),
+                                 "--cxr-dir", str(cxr), "--out", str(tmp_path / "out"),
+                                 "--patient-column", "MRN", "--ct-time-column", "ct_time",
+                                 "--cxr-time-column", "cxr_time"])
+    assert r.exit_code == 0, r.output
+    assert "14 studies, 7 patients" in r.output
+    t = load_manifest(tmp_path / "out" / "manifest.parquet").table
+    assert t["acquired_at"].null_count == 0
+    assert pseudonymise("MRN0007", KEY) in t["patient_id"].to_pylist()
+
+
 def test_without_patient_column_each_ct_accession_is_a_patient(tmp_path: Path) -> None:
     src, ct, cxr = _paired_csv(tmp_path, _cohort_rows(4))
     res = import_paired_csv(src, ct_dir=ct, cxr_dir=cxr, out_dir=tmp_path / "out", key=KEY)
@@ -249,7 +263,7 @@ def test_all_cxr_gives_several_rows_per_ctpa_and_they_all_train(store) -> None:
         ("p1-cx-after", "p1-ct"), ("p1-cx-before", "p1-ct"), ("p2-cx", "p2-ct")]
     r = CliRunner().invoke(app, ["pairs", str(store.root), "--nearest-cxr"])
     assert r.exit_code == 0, r.output
-    assert "Rule set: the nearest CXR within 2d, CXR either side of the CTPA" in r.output
+    assert "Rule set: the nearest CXR within 48 h, CXR either side of the CTPA" in r.output
     assert train_pairs(store, "train", None) == [("p1-cx-after", "p1-ct"), ("p2-cx", "p2-ct")]
 
 
@@ -257,7 +271,7 @@ def test_pairs_without_options_only_reads(store) -> None:
     before = store.manifest_path.stat().st_mtime_ns
     r = CliRunner().invoke(app, ["pairs", str(store.root)])
     assert r.exit_code == 0, r.output
-    assert "Rule: the nearest CXR within 2d, CXR either side of the CTPA" in r.output
+    assert "Rule: the nearest CXR within 48 h, CXR either side of the CTPA" in r.output
     assert "1 explicit pairs kept without a gap check (no acquired_at)" in r.output
     assert store.manifest_path.stat().st_mtime_ns == before
 
