@@ -119,12 +119,17 @@ def manifest_import_paired(
     cxr_dir: Annotated[Path, typer.Option(help="Folder with one file per CXR accession.")],
     out: Annotated[Path, typer.Option(help="Output folder for manifest + pseudonymised links.")],
     seed: Annotated[int, typer.Option(help="Seed of the patient-level split.")] = 0,
+    patient_column: Annotated[str | None, typer.Option(help="Column identifying the patient (pseudonymised; splits are per patient). Default: each CT accession is its own patient.")] = None,
+    ct_time_column: Annotated[str | None, typer.Option(help="Column with the CTPA's ISO 8601 acquisition date-time (becomes acquired_at).")] = None,
+    cxr_time_column: Annotated[str | None, typer.Option(help="Column with the CXR's ISO 8601 acquisition date-time (becomes acquired_at).")] = None,
 ) -> None:
     """Import the published method's paired CSV (accessions are pseudonymised with your key)."""
     from embedstore.manifest import import_paired_csv_with_env_key
 
-    render.import_result(import_paired_csv_with_env_key(csv_path, ct_dir=ct_dir, cxr_dir=cxr_dir,
-                                                        out_dir=out, seed=seed))
+    render.import_result(import_paired_csv_with_env_key(
+        csv_path, ct_dir=ct_dir, cxr_dir=cxr_dir, out_dir=out, seed=seed,
+        patient_column=patient_column, ct_time_column=ct_time_column,
+        cxr_time_column=cxr_time_column))
 
 
 @manifest_app.command("import-rspect")
@@ -134,11 +139,13 @@ def manifest_import_rspect(
     images: Annotated[Path, typer.Option(help="Folder holding <StudyUID>/<SeriesUID>/ series.")],
     out: Annotated[Path, typer.Option(help="Output folder for manifest + pseudonymised links.")],
     seed: Annotated[int, typer.Option(help="Seed of the patient-level split.")] = 0,
+    patient_column: Annotated[str | None, typer.Option(help="Column identifying the patient, added to the CSV (pseudonymised). Default: each StudyInstanceUID is its own patient.")] = None,
 ) -> None:
     """Import RSNA RSPECT train.csv, one CTPA row per series; indeterminate exams are excluded."""
     from embedstore.manifest import import_rspect_with_env_key
 
-    render.import_result(import_rspect_with_env_key(train_csv, images_dir=images, out_dir=out, seed=seed),
+    render.import_result(import_rspect_with_env_key(train_csv, images_dir=images, out_dir=out,
+                                                    seed=seed, patient_column=patient_column),
                          patients=False)
 
 
@@ -205,7 +212,7 @@ def extract(
 @_user_errors
 def query(
     store: StoreArg,
-    sql: Annotated[str, typer.Argument(help="One read-only SELECT over studies, embeddings, pairs, failures, runs.")],
+    sql: Annotated[str, typer.Argument(help="One read-only SELECT over studies, embeddings, pairs, pair_candidates, failures, runs, experiments.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet.")] = "table",
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 30.0,
@@ -214,6 +221,29 @@ def query(
     from embedstore.query import query as query_
 
     render.query_result(query_(store, sql, fmt=fmt, out=out, timeout_s=timeout))
+
+
+@app.command()
+@_user_errors
+def pairs(
+    store: StoreArg,
+    max_gap: Annotated[str | None, typer.Option("--max-gap", metavar="DURATION", help="Largest CXR-CTPA gap, e.g. 24h, 90m, 2d.")] = None,
+    cxr_before_ctpa: Annotated[bool | None, typer.Option("--cxr-before-ctpa/--either-side", help="Only CXRs acquired no later than their CTPA, or either side.")] = None,
+    all_cxr: Annotated[bool | None, typer.Option("--all-cxr/--nearest-cxr", help="Every CXR within the rule per CTPA (all train the prior), or the nearest one.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the CXR-CTPA pairing rule and its counts per split; with options, set the rule.
+
+    The rule applies to explicit pair_id pairs too: those outside it are dropped and counted (the pair_candidates view says why). Setting needs the store's writer lock.
+    """
+    from embedstore.pairing import configure_pairs
+
+    res = configure_pairs(store, max_gap=max_gap, cxr_before_ctpa=cxr_before_ctpa,
+                          multi_cxr=all_cxr)
+    if json_out:
+        render.print_json(res)
+    else:
+        render.pairing_summary(res)
 
 
 @app.command()

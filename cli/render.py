@@ -168,6 +168,26 @@ def import_result(r: Any, *, patients: bool = True) -> None:
     typer.echo(f"Wrote {r.manifest_path}: {who}; excluded {dict(r.excluded) or 'none'}.")
 
 
+def pairing_summary(s: Mapping[str, Any]) -> None:
+    """``embedstore pairs``: the rule, then per split CTPAs with/without a CXR, pairs, drops."""
+    def dropped(d: Mapping[str, Any], key: str) -> str:
+        return str(sum(d[key].values()))
+
+    cols = [Col("split"), Col("CTPA", True), Col("with CXR", True), Col("without", True),
+            Col("pairs", True), Col("explicit dropped", True), Col("derived dropped", True)]
+    rows = [[str(name), str(d["ctpa"]), str(d["ctpa_with_cxr"]), str(d["ctpa_without_cxr"]),
+             str(d["pairs"]), dropped(d, "dropped_explicit"), dropped(d, "dropped_derived")]
+            for name, d in [*s["by_split"].items(), ("all", s)]]
+    verb = "Rule set" if s.get("changed") else "Rule"
+    print_table(cols, rows, title=f"{verb}: {s['rule_text']}", boxed=False)
+    why = {k: s["dropped_explicit"][k] for k in s["dropped_explicit"] if s["dropped_explicit"][k]}
+    if why:
+        _line("explicit pair_id pairs dropped by the rule: "
+              + ", ".join(f"{k} x{v}" for k, v in why.items()))
+    if s["explicit_undated"]:
+        _line(f"{s['explicit_undated']} explicit pairs kept without a gap check (no acquired_at)")
+
+
 def index_built(r: Mapping[str, Any]) -> None:
     typer.echo(f"{'Built' if r['rebuilt'] else 'Verified'} {r['kind']} index of {r['ntotal']} vectors: "
                f"{r['path']}")

@@ -9,6 +9,9 @@ writer never blocks a reader and there is no catalog file to corrupt. Views:
     embeddings  study_id, patient_id, modality, encoder_key, content_hash, cache_key, row, created_at
     commits     every committed row, superseded ones included (segment, array_row, crc32, ...)
     pairs       pair_id, patient_id, cxr_study_id, ctpa_study_id, gap_hours, split, label_pe
+                (the store's PairingRule applied: embedstore.pairing)
+    pair_candidates  every (CTPA, candidate CXR) with gap_hours, cxr_first, explicit and the
+                drop_reason that kept it out of pairs (NULL = in pairs)
     failures    study_id, modality, encoder_key, stage, reason, message, created_at, segment
     runs        run_id, kind, created_at, encoder_keys, val_auc, metrics, config (JSON strings)
     experiments experiment_id, name, created_at, config (JSON), verdicts (finished experiments)
@@ -34,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import QueryError, QueryRefusedError
+from embedstore.pairing import PairingRule, candidates_sql, pairs_sql
 from embedstore.sql import literal
 from embedstore.store._arrow import from_np, strings
 from embedstore.store.commitlog import FAILURES_SCHEMA
@@ -116,32 +120,6 @@ _REFUSALS = {
 }
 
 
-
-
-def _pairs_sql(max_gap_hours: float, has_pair_id: bool) -> str:
-    """Explicit pair_id pairs, else the nearest CXR of the same patient within the gap."""
-    gap = "abs(epoch(ct.acquired_at) - epoch(cx.acquired_at)) / 3600.0"
-    explicit = (
-        f"""SELECT ct.pair_id AS pair_id, ct.patient_id, cx.study_id AS cxr_study_id,
-               ct.study_id AS ctpa_study_id, {gap} AS gap_hours, ct.split, ct.label_pe
-        FROM studies ct JOIN studies cx
-          ON ct.pair_id = cx.pair_id AND ct.patient_id = cx.patient_id
-        WHERE ct.modality = 'CTPA' AND cx.modality = 'CXR' AND ct.pair_id IS NOT NULL
-        UNION ALL """
-        if has_pair_id
-        else ""
-    )
-    no_pair = "ct.pair_id IS NULL AND " if has_pair_id else ""
-    return f"""
-        {explicit}
-        SELECT 'auto:' || ct.study_id AS pair_id, ct.patient_id, cx.study_id AS cxr_study_id,
-               ct.study_id AS ctpa_study_id, {gap} AS gap_hours, ct.split, ct.label_pe
-        FROM studies ct JOIN studies cx ON ct.patient_id = cx.patient_id
-        WHERE {no_pair}ct.modality = 'CTPA' AND cx.modality = 'CXR'
-          AND ct.acquired_at IS NOT NULL AND cx.acquired_at IS NOT NULL
-          AND {gap} <= {float(max_gap_hours)!r}
-        QUALIFY row_number() OVER (PARTITION BY ct.study_id ORDER BY {gap}, cx.study_id) = 1
-    """
 
 
 def read_experiments(root: Path) -> pa.Table:
@@ -244,7 +222,7 @@ class Catalog:
         manifest_path: Path | None,
         views: dict[str, str],
         tables: dict[str, pa.Table],
-        pair_max_gap_hours: float = DEFAULT_PAIR_MAX_GAP_HOURS,
+        pairing: PairingRule | None = None,
         memory_limit: str = "2GB",
         threads: int = 2,
     ):
@@ -282,7 +260,9 @@ class Catalog:
             has_pair_id = True
         for name, sql in views.items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
-        con.execute(f"CREATE VIEW pairs AS {_pairs_sql(pair_max_gap_hours, has_pair_id)}")
+        rule = PairingRule() if pairing is None else pairing
+        con.execute(f"CREATE VIEW pair_candidates AS {candidates_sql(rule, has_pair_id)}")
+        con.execute(f"CREATE VIEW pairs AS {pairs_sql()}")
         # Order matters: allowed_directories must be set while external access is still on.
         con.execute(f"SET allowed_directories = [{literal(str(self.root) + os.sep)}]")
         con.execute("SET enable_external_access = false")
@@ -335,7 +315,7 @@ class Catalog:
             except duckdb.PermissionException as e:
                 raise QueryRefusedError(
                     f"Refused: the query reads or writes files outside the store {str(self.root)!r} "
-                    f"({e}). Query the views studies, embeddings, pairs, failures, runs, experiments instead."
+                    f"({e}). Query the views studies, embeddings, pairs, pair_candidates, failures, runs, experiments instead."
                 ) from e
             except duckdb.IOException as e:
                 # A file a view names vanished: gc merged or compacted parts after the catalog

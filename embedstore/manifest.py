@@ -368,6 +368,20 @@ def _find_by_stem(folder: Path, stem: str) -> Path | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _timestamp(value: str | None, where: str) -> object:
+    """An ISO 8601 date or date-time from a CSV cell (None when empty); ManifestError names it."""
+    from datetime import datetime
+
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return datetime.fromisoformat(str(value).strip())
+    except ValueError as e:
+        raise ManifestError(
+            f"{where}: {value!r} is not an ISO 8601 date or date-time (e.g. 2024-03-01T10:15)."
+        ) from e
+
+
 def import_paired_csv(
     csv_path: str | os.PathLike[str],
     *,
@@ -377,62 +391,114 @@ def import_paired_csv(
     key: bytes,
     seed: int = 0,
     fractions: Sequence[float] = (0.6, 0.15, 0.25),
+    patient_column: str | None = None,
+    ct_time_column: str | None = None,
+    cxr_time_column: str | None = None,
 ) -> ImportResult:
     """Import the published method's paired CSV (``CT_Accession_number, cxr_Accession_number, PE``).
 
-    Each row is one patient's CTPA/CXR pair; each accession names one file (or series folder) in
+    Each row pairs one CTPA with one CXR; each accession names one file (or series folder) in
     ``ct_dir`` / ``cxr_dir``. Accession numbers are identifying, so they are replaced by keyed
     pseudonyms in every column and the files are reached through ``out_dir/links/``. Rows whose
     files are missing are excluded and counted, never silently dropped.
+
+    ``patient_column`` names the column identifying the patient (pseudonymised with the same
+    key): splits are then assigned per patient, so two CTPA work-ups of one patient share a
+    split. Without it each CT accession is taken as its own patient (metadata says so).
+    ``ct_time_column`` / ``cxr_time_column`` name ISO 8601 acquisition date-times, which become
+    ``acquired_at`` (dates shifted per patient are fine when the shift is the same for all of a
+    patient's studies: only gaps are used). A CT accession on several rows is one CTPA paired
+    with several CXRs (its ``pair_id``); a CXR already paired with another CTPA keeps its first
+    pair, and the later row adds only its CTPA and is counted as ``cxr_paired_twice``.
     """
     src = Path(csv_path)
     if not src.exists():
         raise ManifestError(f"Paired CSV {str(src)!r} does not exist.")
-    table = pacsv.read_csv(
-        src, convert_options=pacsv.ConvertOptions(column_types={
-            "CT_Accession_number": pa.string(), "cxr_Accession_number": pa.string(),
-            "PE": pa.string()})
-    )
     need = ["CT_Accession_number", "cxr_Accession_number", "PE"]
+    extra = [c for c in (patient_column, ct_time_column, cxr_time_column) if c]
+    table = pacsv.read_csv(
+        src, convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in need + extra}, strings_can_be_null=True)
+    )
     missing = [c for c in need if c not in table.column_names]
     if missing:
         raise ManifestError(f"Paired CSV is missing column(s) {missing}; expected {need}.")
+    for opt, col in (("--patient-column", patient_column), ("--ct-time-column", ct_time_column),
+                     ("--cxr-time-column", cxr_time_column)):
+        if col and col not in table.column_names:
+            raise ManifestError(
+                f"{opt} {col!r} is not a column of {str(src)!r}. Columns: {table.column_names}.")
     out = Path(out_dir)
     ct_root, cxr_root = Path(ct_dir), Path(cxr_dir)
     for d, what in ((ct_root, "--ct-dir"), (cxr_root, "--cxr-dir")):
         if not d.is_dir():
             raise ManifestError(f"{what} {str(d)!r} is not a folder.")
     excluded: dict[str, int] = {}
-    staged: list[tuple[str, str, str, Path, Path, int]] = []
+
+    def exclude(reason: str) -> None:
+        excluded[reason] = excluded.get(reason, 0) + 1
+
+    studies: dict[str, dict[str, object]] = {}  # study_id -> row (insertion order = CSV order)
+    sources: dict[str, Path] = {}
+    first_row: dict[str, int] = {}
     for i, r in enumerate(table.to_pylist()):
         ct_acc, cxr_acc, pe = (r[c] for c in need)
+        where = f"Paired CSV row {i + 1}"
         if not ct_acc or not cxr_acc:
-            excluded["missing_accession"] = excluded.get("missing_accession", 0) + 1
+            exclude("missing_accession")
             continue
         if (pe or "").strip() not in ("0", "1"):
-            raise ManifestError(f"Paired CSV row {i + 1}: PE must be 0 or 1, got {pe!r}.")
+            raise ManifestError(f"{where}: PE must be 0 or 1, got {pe!r}.")
+        patient = r[patient_column] if patient_column else ct_acc
+        if not patient or not str(patient).strip():
+            exclude("missing_patient")
+            continue
         ct_path, cxr_path = _find_by_stem(ct_root, ct_acc), _find_by_stem(cxr_root, cxr_acc)
         if ct_path is None or cxr_path is None:
-            excluded["file_not_found"] = excluded.get("file_not_found", 0) + 1
+            exclude("file_not_found")
             continue
-        pid = pseudonymise(ct_acc, key)
-        staged.append((pid, pseudonymise(ct_acc, key), pseudonymise(cxr_acc, key),
-                       ct_path, cxr_path, int(pe)))
-    if not staged:
+        pid, ct_pseudo = pseudonymise(str(patient), key), pseudonymise(ct_acc, key)
+        ct_sid, cxr_sid = f"{ct_pseudo}-CTPA", f"{pseudonymise(cxr_acc, key)}-CXR"
+        ct_at = _timestamp(r[ct_time_column], f"{where}, {ct_time_column}") if ct_time_column else None
+        cxr_at = (_timestamp(r[cxr_time_column], f"{where}, {cxr_time_column}")
+                  if cxr_time_column else None)
+        ct_row = studies.get(ct_sid)
+        if ct_row is not None:  # the same CTPA with another CXR
+            if ct_row["patient_id"] != pid or ct_row["label_pe"] != int(pe):
+                raise ManifestError(
+                    f"{where}: its CT accession is on row {first_row[ct_sid] + 1} too, with "
+                    "another " + ("patient" if ct_row["patient_id"] != pid else "PE label")
+                    + "; one CTPA has one patient and one label. Fix the CSV.")
+        cxr_row = studies.get(cxr_sid)
+        if cxr_row is not None and cxr_row["patient_id"] != pid:
+            raise ManifestError(f"{where}: its CXR accession belongs to another patient on row "
+                                f"{first_row[cxr_sid] + 1}. Fix the CSV.")
+        todo = [(ct_sid, "CTPA", ct_path, ct_at)]
+        if cxr_row is not None and cxr_row["pair_id"] != ct_pseudo:
+            exclude("cxr_paired_twice")  # the CTPA stays (teacher, derived pairs), unpaired here
+        else:
+            todo.append((cxr_sid, "CXR", cxr_path, cxr_at))
+        for sid, mod, path, at in todo:
+            if sid not in studies:
+                studies[sid] = {"patient_id": pid, "study_id": sid, "modality": mod,
+                                "acquired_at": at, "label_pe": int(pe), "pair_id": ct_pseudo}
+                sources[sid] = path
+                first_row[sid] = i
+    if not studies:
         raise ManifestError(f"No usable rows in {str(src)!r} (excluded: {excluded}).")
-    splits = assign_splits([s[0] for s in staged], fractions, seed)
-    rows: list[dict[str, object]] = []
-    for pid, ct_sid, cxr_sid, ct_path, cxr_path, pe in staged:
-        for sid, mod, path in ((f"{ct_sid}-CTPA", "CTPA", ct_path), (f"{cxr_sid}-CXR", "CXR", cxr_path)):
-            rows.append({
-                "patient_id": pid, "study_id": sid, "modality": mod,
-                "path": _link(out, sid, path), "acquired_at": None, "label_pe": pe,
-                "split": splits[pid], "pair_id": pid,
-            })
-    rows_t = _to_table(rows).set_column(4, "acquired_at", pa.nulls(len(rows), pa.timestamp("us")))
+    splits = assign_splits([r["patient_id"] for r in studies.values()], fractions, seed)  # type: ignore[misc]
+    rows = [{**r, "path": _link(out, str(sid), sources[sid]), "split": splits[str(r["patient_id"])]}
+            for sid, r in studies.items()]
+    rows_t = _to_table(rows)
+    rows_t = rows_t.set_column(rows_t.column_names.index("acquired_at"), "acquired_at",
+                               pa.array([r["acquired_at"] for r in rows], pa.timestamp("us")))
+    patients = len(set(splits))
     path = write_manifest(rows_t, out, metadata={
-        "importer": "paired_csv", "seed": seed, "excluded": excluded, "split_fractions": list(fractions)})
-    return ImportResult(path, len(rows), len(staged), excluded)
+        "importer": "paired_csv", "seed": seed, "excluded": excluded,
+        "split_fractions": list(fractions),
+        "patient_ids": "patient_column" if patient_column else "one per CT accession",
+        "acquired_at": bool(ct_time_column and cxr_time_column)})
+    return ImportResult(path, len(rows), patients, excluded)
 
 
 _RSPECT_EXAM_FLAGS = (
@@ -451,8 +517,13 @@ def import_rspect(
     seed: int = 0,
     fractions: Sequence[float] = (0.6, 0.15, 0.25),
     check_paths: bool = True,
+    patient_column: str | None = None,
 ) -> ImportResult:
     """Import RSNA RSPECT ``train.csv`` (one row per image) as one CTPA row per series.
+
+    RSPECT names no patients, so each StudyInstanceUID is taken as one patient, unless
+    ``patient_column`` names a column added to the CSV that identifies patients (pseudonymised
+    with the same key; splits are then per patient).
 
     ``label_pe = 1 - negative_exam_for_pe``, except that **indeterminate** exams (whose
     ``negative_exam_for_pe`` is 0 too) are excluded and counted rather than called positive.
@@ -461,14 +532,19 @@ def import_rspect(
     src = Path(train_csv)
     if not src.exists():
         raise ManifestError(f"RSPECT CSV {str(src)!r} does not exist.")
-    table = pacsv.read_csv(src)
+    table = pacsv.read_csv(src, convert_options=pacsv.ConvertOptions(
+        column_types={patient_column: pa.string()} if patient_column else {}))
     need = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "negative_exam_for_pe",
             "indeterminate"]
     missing = [c for c in need if c not in table.column_names]
     if missing:
         raise ManifestError(f"RSPECT CSV is missing column(s) {missing}; expected at least {need}.")
+    if patient_column is not None and patient_column not in table.column_names:
+        raise ManifestError(f"--patient-column {patient_column!r} is not a column of {str(src)!r}. "
+                            f"Columns: {table.column_names}.")
     flags = [c for c in _RSPECT_EXAM_FLAGS if c in table.column_names]
-    agg = table.group_by(["StudyInstanceUID", "SeriesInstanceUID"]).aggregate(
+    keys = ["StudyInstanceUID", "SeriesInstanceUID"] + ([patient_column] if patient_column else [])
+    agg = table.group_by(keys).aggregate(
         [("SOPInstanceUID", "count"), ("negative_exam_for_pe", "min"),
          ("negative_exam_for_pe", "max"), ("indeterminate", "max")]
         + [(f, "max") for f in flags]
@@ -476,7 +552,17 @@ def import_rspect(
     images = Path(images_dir)
     excluded: dict[str, int] = {}
     staged: list[dict[str, object]] = []
+    seen_series: set[tuple[str, str]] = set()
     for r in agg.to_pylist():
+        series = (r["StudyInstanceUID"], r["SeriesInstanceUID"])
+        if series in seen_series:
+            raise ManifestError(
+                f"RSPECT CSV: a series of study {r['StudyInstanceUID']!r} has rows with different "
+                f"{patient_column!r} values; one series belongs to one patient. Fix the CSV.")
+        seen_series.add(series)
+        if patient_column and (r[patient_column] is None or not str(r[patient_column]).strip()):
+            excluded["missing_patient"] = excluded.get("missing_patient", 0) + 1
+            continue
         if r["negative_exam_for_pe_min"] != r["negative_exam_for_pe_max"]:
             excluded["inconsistent_exam_label"] = excluded.get("inconsistent_exam_label", 0) + 1
             continue
@@ -487,7 +573,7 @@ def import_rspect(
         if check_paths and not folder.is_dir():
             excluded["series_folder_not_found"] = excluded.get("series_folder_not_found", 0) + 1
             continue
-        pid = pseudonymise(r["StudyInstanceUID"], key)
+        pid = pseudonymise(str(r[patient_column or "StudyInstanceUID"]), key)
         sid = pseudonymise(r["SeriesInstanceUID"], key)
         row: dict[str, object] = {
             "patient_id": pid, "study_id": f"{sid}-CTPA", "modality": "CTPA", "path": folder,

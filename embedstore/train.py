@@ -131,7 +131,7 @@ def _pairs(store: Store, split: str, where: str | None) -> list[tuple[str, str]]
            "AND cxr_study_id IS NOT NULL AND ctpa_study_id IS NOT NULL")
     if where:
         sql += f" AND ctpa_study_id IN (SELECT study_id FROM studies WHERE {where})"
-    t = store.sql(sql + " ORDER BY ctpa_study_id")
+    t = store.sql(sql + " ORDER BY ctpa_study_id, cxr_study_id")  # several CXRs per CTPA: all kept
     return list(zip(t["cxr_study_id"].to_pylist(), t["ctpa_study_id"].to_pylist(), strict=True))
 
 

@@ -37,7 +37,8 @@ def _manifest() -> pa.Table:
         # patient B: CXR 100 h away -> no pair within 48 h
         ("B", "b-cxr", "CXR", T0 - 100 * H, None, None),
         ("B", "b-ct", "CTPA", T0, 0, None),
-        # patient C: explicit pair_id wins even across 200 h
+        # patient C: an explicit pair_id 200 h apart is outside the rule (dropped, counted);
+        # the near CXR is no candidate, because the CTPA names its pair
         ("C", "c-cxr-far", "CXR", T0 - 200 * H, None, "pair-c"),
         ("C", "c-cxr-near", "CXR", T0 - 1 * H, None, None),
         ("C", "c-ct", "CTPA", T0, 1, "pair-c"),
@@ -92,14 +93,19 @@ def test_pairs_explicit_then_nearest_within_gap(store):
     pairs = store.sql("SELECT * FROM pairs ORDER BY patient_id").to_pylist()
     assert [(p["patient_id"], p["cxr_study_id"], p["ctpa_study_id"]) for p in pairs] == [
         ("A", "a-cxr2", "a-ct"),
-        ("C", "c-cxr-far", "c-ct"),
     ]
     assert pairs[0]["gap_hours"] == pytest.approx(10.0) and pairs[0]["pair_id"] == "auto:a-ct"
-    assert pairs[1]["gap_hours"] == pytest.approx(200.0) and pairs[1]["pair_id"] == "pair-c"
     assert (pairs[0]["split"], pairs[0]["label_pe"]) == ("train", 1)
+    dropped = store.sql("SELECT cxr_study_id, drop_reason FROM pair_candidates "
+                        "WHERE ctpa_study_id = 'c-ct'").to_pylist()
+    assert dropped == [{"cxr_study_id": "c-cxr-far", "drop_reason": "over_max_gap"}]
     store.attach_manifest(_manifest(), pair_max_gap_hours=120)
     got = store.sql("SELECT ctpa_study_id, cxr_study_id FROM pairs ORDER BY 1").to_pylist()
     assert {"ctpa_study_id": "b-ct", "cxr_study_id": "b-cxr"} in got
+    assert {"ctpa_study_id": "c-ct", "cxr_study_id": "c-cxr-far"} not in got
+    store.attach_manifest(_manifest(), pair_max_gap_hours=240)
+    got = store.sql("SELECT ctpa_study_id, cxr_study_id, pair_id FROM pairs ORDER BY 1").to_pylist()
+    assert {"ctpa_study_id": "c-ct", "cxr_study_id": "c-cxr-far", "pair_id": "pair-c"} in got
 
 
 def test_runs_view_tolerates_partial_runs(store):

@@ -31,7 +31,6 @@ from embedstore.store._backend import LocalBackend
 from embedstore.store.commitlog import FAILURES_SCHEMA, PartInfo, live_parts, read_parts
 from embedstore.store.format import (
     DEFAULT_CONFIG,
-    DEFAULT_PAIR_MAX_GAP_HOURS,
     EMBEDDINGS_ARRAY,
     FAILURES_DIR,
     FORMAT_NAME,
@@ -215,19 +214,43 @@ class Store:
         return self.root / MANIFEST_FILE
 
     # -- manifest -----------------------------------------------------------------------------
-    def attach_manifest(self, table: Any, *, pair_max_gap_hours: float | None = None) -> None:
-        """Copy a manifest (pyarrow.Table or Manifest) into the store; it backs `studies`/`pairs`."""
+    def attach_manifest(
+        self, table: Any, *, pair_max_gap_hours: float | None = None, pairing: Any = None,
+    ) -> None:
+        """Copy a manifest (pyarrow.Table or Manifest) into the store; it backs `studies`/`pairs`.
+
+        ``pairing`` (an embedstore.pairing.PairingRule) or ``pair_max_gap_hours`` sets the rule of
+        the ``pairs`` view; with neither, the rule already stored is kept (a re-extraction does
+        not reset what `embedstore pairs` set), else the default rule applies.
+        """
         from embedstore.manifest import validate_manifest
+        from embedstore.pairing import PairingRule
 
         if hasattr(table, "table") and isinstance(table.table, pa.Table):
             table = table.table
         if not isinstance(table, pa.Table):
             raise ManifestError(f"attach_manifest wants a pyarrow.Table, got {type(table).__name__}.")
         table = validate_manifest(table, check_paths=False)
-        gap = DEFAULT_PAIR_MAX_GAP_HOURS if pair_max_gap_hours is None else float(pair_max_gap_hours)
-        if not gap > 0:
-            raise ConfigError(f"pair_max_gap_hours must be positive, got {pair_max_gap_hours!r}.")
-        meta = {"pair_max_gap_hours": gap, "attached_at": iso(utcnow())}
+        if pairing is not None and pair_max_gap_hours is not None:
+            raise ConfigError("Give pairing or pair_max_gap_hours, not both.")
+        if pairing is None:
+            rule = self.pairing_rule()
+            if pair_max_gap_hours is not None:
+                if not (isinstance(pair_max_gap_hours, int | float) and pair_max_gap_hours > 0):
+                    raise ConfigError(
+                        f"pair_max_gap_hours must be positive, got {pair_max_gap_hours!r}.")
+                rule = PairingRule(**{**rule.to_dict(), "max_gap_hours": pair_max_gap_hours})
+        elif isinstance(pairing, PairingRule):
+            rule = pairing
+        else:
+            raise ConfigError(f"pairing must be a PairingRule, got {type(pairing).__name__}.")
+        self._write_manifest(table, rule)
+
+    def _write_manifest(self, table: pa.Table, rule: Any) -> None:
+        """The one write path of STORE/manifest.parquet: the table plus the store's metadata
+        (pairing rule, attach time) in one atomic replace."""
+        meta = {"pair_max_gap_hours": rule.max_gap_hours, "pairing": rule.to_dict(),
+                "attached_at": iso(utcnow())}
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), MANIFEST_META_KEY: json.dumps(meta).encode()}
         )
@@ -242,6 +265,31 @@ class Store:
             return json.loads(md.get(MANIFEST_META_KEY, b"{}"))
         except ValueError:
             return {}
+
+    def pairing_rule(self) -> Any:
+        """The PairingRule of the `pairs` view (the default one without a stored rule)."""
+        from embedstore.pairing import PairingRule
+
+        meta = self._manifest_meta()
+        return PairingRule.from_dict(meta.get("pairing") or meta)
+
+    def set_pairing_rule(self, rule: Any) -> None:
+        """Replace the `pairs` rule: under the whole-store writer lock (StoreLockedError while
+        another process writes), the manifest rewritten atomically with the new rule."""
+        from embedstore.pairing import PairingRule
+        from embedstore.store.lock import Lock
+
+        if not isinstance(rule, PairingRule):
+            raise ConfigError(f"set_pairing_rule wants a PairingRule, got {type(rule).__name__}.")
+        lock = Lock(self.root, None).acquire()
+        try:
+            if not self.manifest_path.exists():
+                raise ManifestError(
+                    f"Store {str(self.root)!r} has no manifest, so it has no pairs to rule; "
+                    "attach one first (`embedstore extract STORE -m MANIFEST ...`).")
+            self._write_manifest(pq.read_table(self.manifest_path), rule)
+        finally:
+            lock.release()
 
     # -- writing ------------------------------------------------------------------------------
     def writer(
@@ -416,14 +464,13 @@ class Store:
             return cached[1]
         if cached is not None:
             cached[1].close()
-        gap = self._manifest_meta().get("pair_max_gap_hours", DEFAULT_PAIR_MAX_GAP_HOURS)
         cat = Catalog(
             self.root,
             manifest_path=self.manifest_path if self.manifest_path.exists() else None,
             views=src.views,
             tables={"runs": read_runs(self.root / RUNS_DIR),
                     "experiments": read_experiments(self.root / "experiments")},
-            pair_max_gap_hours=float(gap),
+            pairing=self.pairing_rule(),
             memory_limit=memory_limit,
             threads=threads,
         )
