@@ -36,6 +36,8 @@ __all__ = [
     "binary_metrics",
     "auprc",
     "expected_calibration_error",
+    "platt_fit",
+    "platt_apply",
     "reliability_curve",
     "summarize_binary",
 ]
@@ -497,6 +499,53 @@ def expected_calibration_error(y, p, n_bins: int = 10) -> float:
     mask = count > 0
     gap = np.abs(conf[mask] / count[mask] - frac[mask])
     return float(np.sum(gap * count[mask]) / y.size)
+
+
+def _expit(x: np.ndarray) -> np.ndarray:
+    from scipy.special import expit
+
+    return expit(x)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(q) - np.log1p(-q)
+
+
+def platt_fit(y_val, p_val, *, l2: float = 1e-6, max_iter: int = 100) -> tuple[float, float]:
+    """Platt scaling fitted on validation: (a, b) with p' = sigmoid(a * logit(p) + b).
+
+    Newton's method on the (barely) L2-penalised logistic log-likelihood; a head trained with
+    ``pos_weight`` is calibrated to a balanced prior, and this maps it back to the cohort's."""
+    y, p = _labels_scores(y_val, p_val, name="probabilities")
+    _check_probabilities(p)
+    _require_both_classes(y, "Platt scaling")
+    x = np.stack([_logit(p), np.ones_like(p)], axis=1)  # (N, 2)
+
+    def nll(w: np.ndarray) -> float:  # log(1 + e^z) - y z, stably, plus the tiny L2 term
+        z = x @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * (w @ w))
+
+    w = np.array([0.0, float(_logit(np.array([y.mean()]))[0])])  # start: the base rate
+    f = nll(w)
+    for _ in range(max_iter):
+        q = _expit(x @ w)
+        grad = x.T @ (q - y) + l2 * w
+        hess = (x * (q * (1 - q))[:, None]).T @ x + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while nll(w - t * step) > f and t > 1e-8:  # damped Newton: never increase the loss
+            t *= 0.5
+        w, f = w - t * step, nll(w - t * step)
+        if np.max(np.abs(t * step)) < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def platt_apply(p, ab: tuple[float, float]) -> np.ndarray:
+    """Recalibrated probabilities sigmoid(a * logit(p) + b)."""
+    pv = np.asarray(p, dtype=np.float64)
+    return _expit(ab[0] * _logit(pv) + ab[1])
 
 
 # ----------------------------------------------------------------------------- summary

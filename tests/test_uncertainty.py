@@ -72,3 +72,26 @@ def test_report_says_plainly_when_the_spread_adds_nothing_beyond_p():
     rep2 = uncertainty_report(p, oracle, y, n_boot=200)
     assert rep2["spread_beats_pq"] and rep2["partial_spearman_spread_given_pq"] > 0.5
     assert rep2["aurc_spread"] < rep2["aurc_pq"]
+
+
+def test_platt_recalibration_on_validation_repairs_a_balanced_prior_head():
+    from embedstore.metrics import expected_calibration_error, platt_apply, platt_fit
+
+    rng = np.random.default_rng(5)
+
+    def cohort(n):
+        z = rng.normal(size=n)
+        from scipy.special import expit
+
+        y = (rng.random(n) < expit(1.5 * z - 2.0)).astype(float)  # ~15 % positive
+        p_bal = expit(3.0 * z)  # overconfident and shifted to a balanced prior
+        return y, p_bal
+
+    yv, pv = cohort(3000)
+    yt, pt = cohort(3000)
+    a, b = platt_fit(yv, pv)
+    assert a == pytest.approx(0.5, abs=0.1) and b == pytest.approx(-2.0, abs=0.2)
+    before, after = expected_calibration_error(yt, pt), expected_calibration_error(yt, platt_apply(pt, (a, b)))
+    assert after < 0.03 < before
+    # monotone: recalibration never changes the ranking (AUC)
+    assert np.all(np.diff(platt_apply(np.sort(pt), (a, b))) >= 0)
