@@ -371,3 +371,27 @@ def test_export_names_the_sets_to_choose_from(source: tuple[Path, Path, str], tm
     assert (code, line) == (1, "Error: Export file 'x.csv' must end in .parquet.")
     code, line = _cli("export", store_a, tmp_path / "x.parquet", "--encoder", key)
     assert code == 0 and line.startswith(f"Wrote {tmp_path / 'x.parquet'}: 6 CXR vectors of dim 16")
+
+
+def test_a_float16_set_round_trips_as_float16(source: tuple[Path, Path, str], tmp_path: Path
+                                              ) -> None:
+    manifest, store_a, key = source
+    a = open_store(store_a)
+    (info,) = a.sets()
+    loaded = a.load("CXR", key)
+    half = open_store(tmp_path / "H", create=True)
+    half.attach_manifest(pq.read_table(manifest))
+    with half.writer("CXR", key, dim=16, spec=info.spec, dtype="float16") as w:
+        w.add_many(study_ids=loaded.study_ids, patient_ids=loaded.meta["patient_id"].to_pylist(),
+                   cache_keys=loaded.meta["cache_key"].to_pylist(),
+                   content_hashes=loaded.meta["content_hash"].to_pylist(),
+                   vectors=loaded.vectors.astype(np.float16))
+    export_embeddings(tmp_path / "H", tmp_path / "h.parquet")
+    assert json.loads(pq.read_schema(tmp_path / "h.parquet").metadata[EXPORT_META_KEY])[
+        "store_dtype"] == "float16"
+    res = import_embeddings(tmp_path / "C", tmp_path / "h.parquet", modality="cxr",
+                            manifest=manifest)
+    (copy,) = open_store(tmp_path / "C").sets()
+    assert copy.dtype == "float16" and res.written == 6
+    want = loaded.vectors.astype(np.float16).astype(np.float32)
+    assert open_store(tmp_path / "C").load("CXR", key).vectors.tobytes() == want.tobytes()
