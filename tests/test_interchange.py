@@ -118,6 +118,7 @@ def test_npy_with_an_ids_csv_and_a_card_imports(source: tuple[Path, Path, str],
     assert got.vectors.tobytes() == loaded.vectors.tobytes()  # float32 -> float64 -> float32
     (info,) = open_store(tmp_path / "B").sets()
     assert info.spec["card"] == card and info.spec["encoder"]["family"] == "imported"
+    assert open_store(tmp_path / "B").verify().ok
     # the same card and name again: the same set, nothing rewritten
     again = import_embeddings(tmp_path / "B", tmp_path / "v.npy", modality="cxr", id_column="sid",
                               ids_file=tmp_path / "ids.csv", card=tmp_path / "card.json",
@@ -395,3 +396,28 @@ def test_a_float16_set_round_trips_as_float16(source: tuple[Path, Path, str], tm
     assert copy.dtype == "float16" and res.written == 6
     want = loaded.vectors.astype(np.float16).astype(np.float32)
     assert open_store(tmp_path / "C").load("CXR", key).vectors.tobytes() == want.tobytes()
+
+
+def test_ragged_null_and_blank_vectors_or_ids_are_refused(
+        source: tuple[Path, Path, str], card_file: Path, tmp_path: Path) -> None:
+    manifest, store_a, key = source
+    ids = open_store(store_a).load("CXR", key).study_ids
+    cases = [
+        (pa.table({"study_id": ids[:2], "vector": pa.array([[1.0] * 16, [1.0] * 15],
+                                                           pa.list_(pa.float32()))}),
+         "Error: Embeddings file 'c.parquet': vectors in column 'vector' have different lengths "
+         "'15', '16'; all must have one dimension."),
+        (pa.table({"study_id": ids[:2], "vector": pa.array([[1.0] * 16, None],
+                                                           pa.list_(pa.float32(), 16))}),
+         "Error: Embeddings file 'c.parquet': vector column 'vector' has 1 empty vector(s); drop "
+         "those rows or fill them."),
+        (pa.table({"study_id": [ids[0], None], "vector": pa.array([[1.0] * 16] * 2,
+                                                                  pa.list_(pa.float32(), 16))}),
+         "Error: Embeddings file 'c.parquet': id column 'study_id' has 1 empty value(s); every "
+         "vector needs its study id."),
+    ]
+    for table, want in cases:
+        pq.write_table(table, tmp_path / "c.parquet")
+        assert _cli("import-embeddings", tmp_path / "B", tmp_path / "c.parquet", "--modality",
+                    "cxr", "--card", card_file, "-m", manifest) == (1, want)
+    assert not (tmp_path / "B").exists()
