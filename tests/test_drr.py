@@ -115,3 +115,18 @@ def test_cli_drr_of_one_series_folder(drr_out: tuple[Path, Path], tmp_path: Path
     assert set(ids) == {"P-7-CT", "P-7-CT-DRR"}
     ds = pydicom.dcmread(tmp_path / "o" / ids["P-7-CT-DRR"]["path"])
     assert ds.Modality == "DX" and ds.PatientID == "P-7" and ds.Rows == 64
+
+
+def test_the_drr_progress_bar_does_not_load_torch() -> None:
+    # progress_status used to import embedstore.extract (torch, open_clip, transformers) for
+    # every bar: 25 s of a 35 s `embedstore drr` on 2 busy cores
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from embedstore.drr import DrrSummary; "
+            "from embedstore.cli.render import progress_status; "
+            "s = progress_status(DrrSummary(out_dir=Path('.'), written=2)); "
+            "assert 'torch' not in sys.modules, 'torch loaded'; print(s)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert r.stdout.strip() == "rendered 2 reused 0 failed 0"
