@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -78,6 +79,7 @@ FORMATS = ("parquet", "npy")
 IMPORTED_FAMILY = "imported"
 _EXAMPLES = 3
 _SET_KEY_HEX = 10  # as embedstore.identity
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # an encoder name (models/encoders)
 
 
 def _version() -> str:
@@ -587,6 +589,9 @@ def import_embeddings(
         if c.embed_dim != dim:
             raise InterchangeError(f"{what} has {dim}-dimensional vectors but the card's "
                                    f"embed_dim is {c.embed_dim}. Fix the card or the file.")
+        if name is not None and not _NAME.match(name):
+            raise ConfigError(f"--name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or "
+                              "'-', starting with a letter or digit (it starts the set key).")
         key, spec = _imported_spec(c, name or IMPORTED_FAMILY)
         source = "card"
 

@@ -334,6 +334,12 @@ def test_a_foreign_file_needs_a_card_and_a_store_needs_a_manifest(
     f = _foreign(tmp_path, ids[:2], np.ones((2, 16)))
     with pytest.raises(ConfigError, match="carries no encoder card"):
         import_embeddings(tmp_path / "B", f, modality="cxr", id_column="sid", manifest=manifest)
+    (tmp_path / "card.json").write_text(json.dumps(open_store(store_a).sets()[0].spec["card"]))
+    code, line = _cli("import-embeddings", tmp_path / "B", f, "--modality", "cxr", "--id-column",
+                      "sid", "--card", tmp_path / "card.json", "--name", "bad name", "-m", manifest)
+    assert (code, line) == (1, "Error: --name 'bad name' is invalid: use 1-64 letters, digits, "
+                               "'.', '_' or '-', starting with a letter or digit (it starts the "
+                               "set key).")
     code, line = _cli("import-embeddings", tmp_path / "B", exported, "--modality", "cxr")
     assert (code, line) == (1, f"Error: Store {str(tmp_path / 'B')!r} has no manifest, so "
                                "imported vectors cannot be attached to studies. Pass --manifest M "
