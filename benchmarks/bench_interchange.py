@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from embedstore.models.encoders import EncoderCard
 
-from embedstore.interchange import _imported_spec, export_embeddings, import_embeddings
+from embedstore.interchange import export_embeddings, import_embeddings, imported_set_spec
 from embedstore.store import open_store
 
 
@@ -36,7 +36,7 @@ def _setup(root: Path, n: int, d: int) -> tuple[np.ndarray, list[str]]:
     pq.write_table(man, root / "manifest.parquet")
     card = EncoderCard(modality="CXR", input_size=(224, 224), embed_dim=d, resize="pad",
                        licence="n/a", source="benchmark")
-    key, spec = _imported_spec(card, "bench")
+    key, spec = imported_set_spec(card, "bench")
     st = open_store(root / "A", create=True)
     st.attach_manifest(man)
     with st.writer("CXR", key, dim=d, spec=spec) as w:

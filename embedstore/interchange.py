@@ -67,6 +67,7 @@ __all__ = [
     "ImportSummary",
     "export_embeddings",
     "import_embeddings",
+    "imported_set_spec",
     "read_export_metadata",
 ]
 
@@ -393,7 +394,7 @@ def _card_from_file(card_file: str | os.PathLike[str]) -> EncoderCard:
     return EncoderCard.from_dict(fields)
 
 
-def _imported_spec(card: EncoderCard, name: str) -> tuple[str, dict[str, Any]]:
+def imported_set_spec(card: EncoderCard, name: str) -> tuple[str, dict[str, Any]]:
     """Set key and stored spec of vectors that come with a card only (no encoder to hash):
     the encoder fingerprint covers the name, the family ``imported`` and the card."""
     from embedstore.identity import SetIdentity
@@ -592,7 +593,7 @@ def import_embeddings(
         if name is not None and not _NAME.match(name):
             raise ConfigError(f"--name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or "
                               "'-', starting with a letter or digit (it starts the set key).")
-        key, spec = _imported_spec(c, name or IMPORTED_FAMILY)
+        key, spec = imported_set_spec(c, name or IMPORTED_FAMILY)
         source = "card"
 
     from embedstore.store.lock import Lock
