@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-BENCHES = ("store", "extract", "prior", "train_scale", "index", "experiment")
+BENCHES = ("store", "extract", "prior", "train_scale", "index", "experiment", "interchange")
 ROOT = Path(__file__).resolve().parents[1]
 
 

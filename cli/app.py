@@ -320,6 +320,88 @@ def encoders(
 
 
 # ------------------------------------------------------------------------------------------------
+# export / import-embeddings / drr
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@_user_errors
+def export(
+    store: StoreArg,
+    out: Annotated[Path, typer.Argument(help="Parquet file to write (.parquet).", show_default=False)],
+    modality: Annotated[Modality | None, typer.Option(case_sensitive=False, help="Modality of the set (needed when the store has several sets).")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder key of the set (see `embedstore info`).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write one embedding set as Parquet: pseudonymous ids, split, label, a fixed_size_list<float32>
+    vector column; the encoder card, spec, set key and manifest fingerprint in the file's
+    metadata. Readable by pyarrow, pandas, polars and DuckDB without embedstore."""
+    from embedstore.interchange import export_embeddings
+
+    res = export_embeddings(store, out, modality=modality, encoder_key=encoder)
+    if json_out:
+        render.print_json(res)
+    else:
+        render.export_result(res)
+
+
+@app.command("import-embeddings")
+@_user_errors
+def import_embeddings(
+    store: StoreArg,
+    file: Annotated[Path, typer.Argument(help="Embeddings: a .parquet (an embedstore export or any file with an id and a vector column) or an (N, D) .npy.", show_default=False)],
+    modality: Annotated[Modality, typer.Option(case_sensitive=False, help="Modality of the vectors.")],
+    id_column: Annotated[str, typer.Option(help="Column holding the manifest's study_id (in the Parquet file, or in the --ids CSV).")] = "study_id",
+    fmt: Annotated[str | None, typer.Option("--format", help="parquet or npy (default: from the suffix).")] = None,
+    ids: Annotated[Path | None, typer.Option(help="npy only: CSV with a header and the id column, one row per row of the array.")] = None,
+    vector_column: Annotated[str | None, typer.Option(help="parquet only: the vector column (default 'vector', else the only list column).")] = None,
+    card: Annotated[Path | None, typer.Option(help="Card file (TOML/JSON) of the encoder that made the vectors; required unless FILE is an embedstore export.")] = None,
+    name: Annotated[str | None, typer.Option(help="Encoder name of the new set (with --card; default 'imported').")] = None,
+    manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="Attach this manifest first (needed when the store has none; paths are not checked).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create (or add to) an embedding set from precomputed vectors, without images. Ids must be
+    study ids of the store's manifest; everything is checked before anything is written."""
+    from embedstore.interchange import import_embeddings as import_
+
+    res = import_(store, file, modality=modality, id_column=id_column, fmt=fmt, ids_file=ids,
+                  vector_column=vector_column, card=card, name=name, manifest=manifest)
+    if json_out:
+        render.print_json(res)
+    else:
+        render.import_embeddings_result(res)
+
+
+@app.command()
+@_user_errors
+def drr(
+    source: Annotated[Path, typer.Argument(help="A manifest (or a folder holding manifest.parquet): its CTPA rows; or one CT series folder.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="Empty or new folder for the DX files and the DRR manifest.", show_default=False)],
+    where: Annotated[str | None, typer.Option(help="SQL predicate over `studies` choosing the CT series (manifest source).")] = None,
+    patient_id: Annotated[str | None, typer.Option(help="Lone series: its pseudonymous patient id (never read from the DICOM).")] = None,
+    study_id: Annotated[str | None, typer.Option(help="Lone series: its study id (default <patient-id>-CT).")] = None,
+    split: Annotated[str, typer.Option(help="Lone series: its split in the DRR manifest.")] = "test",
+    size: Annotated[int, typer.Option(help="DRR side in pixels (32-4096).")] = 512,
+    view: Annotated[str, typer.Option(help="ViewPosition written: AP or PA.")] = "AP",
+    workers: Annotated[int, typer.Option(min=1, help="Processes rendering series.")] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Render a frontal DRR of CT series as DICOM DX files plus a manifest pairing each DRR (a CXR
+    row, study id <ct>-DRR) with its CT; `extract --modality cxr` embeds them."""
+    from embedstore.drr import DrrSpec, run_drr_source
+
+    res = run_drr_source(source, out_dir, patient_id=patient_id, study_id=study_id, split=split,
+                         where=where, workers=workers, spec=DrrSpec(size=size, view=view),
+                         reporter=_reporter(json_out))
+    if json_out:
+        render.print_json(res)
+    else:
+        render.drr_result(res)
+    if res.failed:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------------
 # train / eval / index / neighbors / demo
 # ------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ and errors to stderr (``err_console``), so ``--json`` and ``--format csv`` outpu
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ if TYPE_CHECKING:  # the renderers take library types; importing them here would
     import pyarrow as pa
 
     from embedstore.demo import DemoResult
+    from embedstore.drr import DrrSummary
     from embedstore.evaluate import EvalResult
     from embedstore.experiment import ExperimentResult
     from embedstore.extract import ExtractSummary
+    from embedstore.interchange import ExportSummary, ImportSummary
     from embedstore.query import QueryResult
     from embedstore.runs import Run
     from embedstore.store import GcReport, VerifyReport
@@ -113,12 +116,15 @@ def _line(text: str, *, err: bool = False) -> None:
 
 def progress_status(status: object) -> str:
     """The short text a progress bar shows for a step's status data."""
-    from embedstore.extract import ExtractSummary
-
+    # Look the types up among loaded modules: importing embedstore.extract here would load
+    # torch, open_clip and transformers (~25 s on 2 busy cores) on every bar of other commands.
+    extract_mod, drr_mod = sys.modules.get("embedstore.extract"), sys.modules.get("embedstore.drr")
     if status is None:
         return ""
-    if isinstance(status, ExtractSummary):
+    if extract_mod is not None and isinstance(status, extract_mod.ExtractSummary):
         return f"new {status.done} cached {status.cached} failed {status.failed}"
+    if drr_mod is not None and isinstance(status, drr_mod.DrrSummary):
+        return f"rendered {status.written} reused {status.reused} failed {status.failed}"
     if isinstance(status, Mapping):  # a training-log row
         auc = status.get("val_auc")
         return (f"loss {status.get('train_loss', float('nan')):.3f}"
@@ -361,6 +367,40 @@ def encoder_card(data: Mapping[str, Any]) -> None:
     for k, v in card.items():
         text = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
         typer.echo(f"  {k.ljust(width)}  {text}")
+
+
+# ------------------------------------------------------------------------------------------------
+# export / import-embeddings / drr
+# ------------------------------------------------------------------------------------------------
+
+
+def export_result(r: ExportSummary) -> None:
+    typer.echo(f"Wrote {r.path}: {r.rows} {r.modality} vectors of dim {r.dim} from set "
+               f"{r.encoder_key} ({_size(r.bytes)}; fixed_size_list<float32>[{r.dim}] column "
+               "'vector', card and spec in the Parquet metadata).")
+
+
+def import_embeddings_result(r: ImportSummary) -> None:
+    line = (f"{r.modality} [{r.encoder_key}] from {r.source}: {r.rows} vectors, {r.written} "
+            f"written, {r.unchanged} unchanged")
+    if r.not_in_file:
+        line += f"; {r.not_in_file} {r.modality} studies of the manifest have no vector"
+    if r.source_dtype != "float32":
+        line += f"; {r.source_dtype} cast to float32"
+    typer.echo(line + ".")
+
+
+def drr_result(r: DrrSummary) -> None:
+    line = f"DRRs in {r.out_dir}: {r.selected} CT series, {r.written} rendered, {r.reused} reused"
+    if r.failed:
+        reasons = ", ".join(f"{k} x{v}" for k, v in sorted(r.failures_by_reason.items()))
+        line += f", {r.failed} FAILED ({reasons}; see drr_failures.jsonl)"
+    typer.echo(line + f" in {r.seconds:.1f} s.")
+    for sid, warns in sorted(r.warnings.items()):
+        typer.echo(f"  {sid}: {'; '.join(warns)}")
+    if r.manifest_path is not None:
+        typer.echo(f"Manifest: {r.manifest_path} (embed the DRRs with `embedstore extract STORE "
+                   f"--manifest {r.manifest_path} --modality cxr`).")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ __all__ = [
     "render_frontal",
     "drr_study_id",
     "run_drr",
+    "run_drr_source",
 ]
 
 #: Bumped whenever the same CT and spec would render different pixels.
@@ -428,3 +429,56 @@ def run_drr(
     summary.manifest_path = write_manifest(table, out, metadata=meta, check_paths=False)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _is_manifest_source(source: Path) -> bool:
+    if source.is_file():
+        return True
+    return any((source / n).is_file() for n in ("manifest.parquet", "manifest.csv"))
+
+
+def run_drr_source(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    patient_id: str | None = None,
+    study_id: str | None = None,
+    split: str = "test",
+    where: str | None = None,
+    workers: int | None = 1,
+    spec: DrrSpec | None = None,
+    reporter: Reporter | None = None,
+) -> DrrSummary:
+    """``embedstore drr SOURCE OUT``: SOURCE is a manifest (or a folder holding
+    ``manifest.parquet``/``.csv``), rendered with :func:`run_drr`, or one CT series folder.
+
+    A lone series has no manifest to take pseudonymous ids from, so ``patient_id`` (a
+    pseudonym, checked; never read from the DICOM) is required and ``study_id`` defaults to
+    ``<patient_id>-CT``; the series gets a one-row manifest (``split``, no label, no time) and
+    OUT's manifest points at it by absolute path.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise ConfigError(f"DRR source {str(src)!r} does not exist. Give a manifest, a folder "
+                          "holding manifest.parquet, or a CT series folder.")
+    if _is_manifest_source(src):
+        if patient_id is not None or study_id is not None:
+            raise ConfigError("--patient-id and --study-id are for a lone CT series folder; a "
+                              "manifest brings its own ids.")
+        return run_drr(src, out_dir, where=where, workers=workers, spec=spec, reporter=reporter)
+    if where is not None:
+        raise ConfigError("--where selects rows of a manifest; the source is one CT series folder.")
+    if patient_id is None:
+        raise ConfigError(
+            f"{src.name!r} is a folder without a manifest, so it is read as one CT series; pass "
+            "--patient-id PSEUDONYM (identifiers are never read from the DICOM), or give a "
+            "manifest.")
+    from embedstore._dicomwrite import check_pseudonymous_id
+
+    check_pseudonymous_id(patient_id, "--patient-id")
+    sid = check_pseudonymous_id(study_id or f"{patient_id}-CT", "--study-id")
+    row = {"patient_id": patient_id, "study_id": sid, "modality": "CTPA",
+           "path": str(src.resolve()), "acquired_at": None, "label_pe": None, "split": split}
+    with tempfile.TemporaryDirectory(prefix="embedstore-drr-series-") as tmp:
+        man = write_manifest([row], tmp, metadata={"generator": GENERATOR, "lone_series": True})
+        return run_drr(man, out_dir, workers=workers, spec=spec, reporter=reporter)

@@ -33,6 +33,7 @@ __all__ = [
     "StoreCorruptError",
     "QueryRefusedError",
     "QueryError",
+    "InterchangeError",
     "DicomError",
     "ModelError",
     "EncoderError",
@@ -74,6 +75,13 @@ class QueryRefusedError(EmbedstoreError, PermissionError):
 
 class QueryError(EmbedstoreError, ValueError):
     reason = "query_error"
+
+
+class InterchangeError(EmbedstoreError, ValueError):
+    """An embeddings file given to ``import-embeddings`` is unreadable, malformed or does not
+    match the store (ids, modality, dimension, dtype, non-finite values). docs/INTERCHANGE.md."""
+
+    reason = "bad_embeddings_file"
 
 
 class DicomError(EmbedstoreError, ValueError):
