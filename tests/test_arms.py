@@ -229,3 +229,27 @@ def test_fit_softlabel_kd_follows_the_soft_targets() -> None:
     assert r > 0.95
     with pytest.raises(Exception, match="probabilities in"):
         fit_softlabel_kd(x, q * 2, xv, yv, ClassifierTrainConfig(epochs=1))
+
+
+def test_the_eval_table_shows_both_deltas_of_every_arm(result: EvalResult,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # catches: the delta table dropping the vs-distilled column or an arm's row
+    import io
+
+    from embedstore.cli import render
+    from rich.console import Console
+
+    buf = io.StringIO()
+    monkeypatch.setattr(render, "console", Console(file=buf, width=80, highlight=False))
+    render.eval_result(result)
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    header = next(line for line in text.splitlines() if "ΔAUC vs distilled" in line)
+    assert "ΔAUC vs cxr_only" in header
+    rows = _rows(result)
+    for key in ("prior_plain", "ridge_mean_only", "ridge_logit", "softlabel_kd"):
+        # the delta row holds two CIs; the AUC row above holds one
+        line = next(ln for ln in text.splitlines()
+                    if ln.startswith(f" {key} ") and ln.count("[") == 2)
+        assert f"{rows[key]['delta_auc_vs_distilled']:+.3f}" in line
+        assert f"{rows[key]['delta_auc_vs_cxr_only']:+.3f}" in line
