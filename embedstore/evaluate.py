@@ -366,7 +366,10 @@ def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> EvalResult:
         notes=_notes(table, comparisons), out_dir=out, **extras)
     (out / "metrics.json").write_text(json.dumps(results.to_dict(), indent=2, default=_jdefault))
     cols = {"model": "Model", "auc": "AUC", "auc_ci": "AUC 95% CI", "accuracy": "Accuracy",
-            "sensitivity": "Sensitivity", "specificity": "Specificity", "auprc": "AUPRC", "ece": "ECE"}
+            "sensitivity": "Sensitivity", "specificity": "Specificity", "auprc": "AUPRC", "ece": "ECE",
+            "delta_auc_vs_cxr_only": "ΔAUC vs CXR-only", "delta_auc_ci": "ΔAUC 95% CI",
+            "delta_auc_vs_distilled": "ΔAUC vs distilled",
+            "delta_auc_vs_distilled_ci": "ΔAUC 95% CI (vs distilled)"}
     md = [f"# Evaluation ({cfg.split} split, n={len(u.y)}, {int(u.y.sum())} PE-positive)\n",
           markdown_table(table, cols), "\n## Paired comparisons\n",
           markdown_table(comparisons, None) if comparisons else "none\n"]

@@ -178,6 +178,20 @@ def test_every_arm_has_a_paired_delta_vs_cxr_only_and_vs_distilled(result: EvalR
     assert rows["distilled"]["auc_ci_method"] == "patient_bootstrap"
 
 
+def test_the_markdown_and_html_tables_carry_both_deltas(result: EvalResult) -> None:
+    for name in ("metrics.md", "report.html"):
+        text = (result.out_dir / name).read_text()
+        assert "ΔAUC vs distilled" in text and "ΔAUC vs CXR-only" in text, name
+        assert "ridge_mean_only" in text or "ridge mean" in text, name
+
+
+def test_unknown_baseline_kind_names_the_valid_ones(trained: dict) -> None:
+    from embedstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Valid: ridge_logit, ridge_embed, softlabel_kd"):
+        train_baselines(trained["root"], teacher="teacher", kinds=("ridge",))
+
+
 def test_results_json_keeps_its_keys_and_adds_the_new_ones(result: EvalResult) -> None:
     s = results_summary(result)
     for key in ("ctpa_only", "cxr_only", "distilled", "ridge_logit", "ridge_mean_only",
