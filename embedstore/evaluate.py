@@ -479,6 +479,14 @@ def _notes(table: list[dict[str, Any]], comps: list[dict[str, Any]]) -> list[str
             notes.append(f"Distilled - CXR-only: dAUC {c['delta_auc']:+.3f}, 95% CI "
                          f"[{c['delta_auc_ci'][0]:+.3f}, {c['delta_auc_ci'][1]:+.3f}] ({verdict}); "
                          f"DeLong p = {c['delong_p']:.3g}.")
+    mean_only = next((t for t in table if t["key"] == "ridge_mean_only"), None)
+    if mean_only is not None and "delta_auc_vs_distilled" in mean_only:
+        # distilled - mean_only is minus the stored (mean_only - distilled), its CI mirrored
+        d = -mean_only["delta_auc_vs_distilled"]
+        lo, hi = (-x for x in mean_only["delta_auc_vs_distilled_ci"][::-1])
+        sig = "not significant" if lo <= 0 <= hi else "significant"
+        notes.append(f"What the diffusion adds over its own ridge mean: distilled - "
+                     f"ridge_mean_only dAUC {d:+.3f} [{lo:+.3f}, {hi:+.3f}], {sig}.")
     return notes
 
 

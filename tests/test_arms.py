@@ -143,6 +143,13 @@ def test_ridge_mean_only_is_the_teacher_on_the_priors_own_mean(trained: dict,
     assert row["auc"] == pytest.approx(M.roc_auc(pred["label_pe"].to_numpy(), got))
 
 
+def test_a_note_says_what_the_diffusion_adds_over_its_mean(result: EvalResult) -> None:
+    row = _rows(result)["ridge_mean_only"]
+    note = next(n for n in result.notes if n.startswith("What the diffusion adds"))
+    lo, hi = row["delta_auc_vs_distilled_ci"]
+    assert f"dAUC {-row['delta_auc_vs_distilled']:+.3f} [{-hi:+.3f}, {-lo:+.3f}]" in note
+
+
 def test_prior_plain_is_named_by_its_config_not_by_run_order(trained: dict,
                                                              result: EvalResult) -> None:
     # catches: naming the first prior "distilled", or deriving a mean-only arm from a plain prior
