@@ -476,7 +476,8 @@ def train_baselines(
     cxr_encoder: Annotated[str | None, typer.Option(help="CXR encoder key (default: the only one).")] = None,
     where: WhereOpt = None, seed: SeedOpt = None, config: ConfigOpt = None,
 ) -> None:
-    """Deterministic ablations: ridge CXR -> teacher logit and ridge CXR -> CTPA embedding."""
+    """Label-free ablations on all training pairs: ridge CXR -> teacher logit, ridge CXR -> CTPA
+    embedding, and softlabel_kd (a CXR head trained on the teacher's soft labels)."""
     _train("baselines", store, dict(teacher=teacher, cxr_encoder=cxr_encoder, where=where, seed=seed),
            config)
 

@@ -429,23 +429,36 @@ def _ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _delta(m: Mapping[str, Any], ref: str) -> str:
+    key = f"delta_auc_vs_{ref}"
+    if key not in m:
+        return ""
+    lo, hi = m["delta_auc_ci" if ref == "cxr_only" else f"{key}_ci"]
+    return f"{m[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def eval_result(res: EvalResult) -> None:
-    """The paper-style table (fits 80 columns), the retrieval diagnostics, notes, report path."""
-    rows = []
-    for m in res.models:
-        delta = ""
-        if "delta_auc_vs_cxr_only" in m:
-            lo, hi = m["delta_auc_ci"]
-            delta = f"{m['delta_auc_vs_cxr_only']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        rows.append([m["key"], f"{m['auc']:.3f} {_ci(m['auc_ci'])}", f"{m['accuracy']:.2f}",
-                     f"{m['sensitivity']:.2f}", f"{m['specificity']:.2f}", delta])
+    """The paper-style table and the paired-delta table (each fits 80 columns), the retrieval
+    diagnostics, notes, report path."""
+    rows = [[m["key"], f"{m['auc']:.3f} {_ci(m['auc_ci'])}", f"{m['accuracy']:.2f}",
+             f"{m['sensitivity']:.2f}", f"{m['specificity']:.2f}"] for m in res.models]
+    _line(f"{res.split} split: {res.n} patients, {res.n_pos} with PE; thresholds chosen on "
+          "validation")
     print_table([Col("model"), *(Col(c, right=True) for c in
-                                 ("AUC [95% CI]", "acc", "sens", "spec", "ΔAUC vs cxr_only"))],
-                rows, boxed=False, compact=True,
-                title=f"{res.split} split: {res.n} patients, {res.n_pos} with PE; "
-                      "thresholds chosen on validation",
-                caption="ctpa_only: CTPA teacher | cxr_only: radiograph classifier | distilled: "
-                        "CXR -> diffusion prior -> teacher | ridge_*: deterministic ablations")
+                                 ("AUC [95% CI]", "acc", "sens", "spec"))],
+                rows, boxed=False, compact=True)
+    refs = [r for r in ("cxr_only", "distilled")
+            if any(f"delta_auc_vs_{r}" in m for m in res.models)]
+    deltas = [[m["key"], *(_delta(m, r) for r in refs)] for m in res.models
+              if any(f"delta_auc_vs_{r}" in m for r in refs)]
+    if deltas:
+        _line("Paired ΔAUC on the same test patients (95% CI: patient bootstrap)")
+        print_table([Col("model"), *(Col(f"ΔAUC vs {r}", right=True) for r in refs)], deltas,
+                    boxed=False, compact=True)
+    _line("ctpa_only: CTPA teacher | cxr_only: radiograph classifier | distilled: CXR -> "
+          "diffusion prior -> teacher | ridge_mean_only: the teacher on the prior's ridge mean "
+          "(no diffusion) | prior_plain: the prior without ridge mean | softlabel_kd: a CXR "
+          "head on the teacher's soft labels | ridge_*: deterministic ablations")
     if res.retrieval:
         print_table([Col("query"), *(Col(c, right=True) for c in
                                      ("R@1", "R@5", "R@10", "median rank", "of"))],

@@ -27,10 +27,11 @@ from embedstore.errors import ConfigError, RunNotFoundError
 from embedstore.evaluate import EvalConfig, EvalResult, evaluate, results_summary
 from embedstore.experiment import ExperimentConfig, ExperimentResult, run_experiment
 from embedstore.extract import ExtractConfig, ExtractSummary, extract
+from embedstore.fit import PriorTrainConfig
 from embedstore.progress import Reporter, reporter_or_null
 from embedstore.runs import Run, load_run
 from embedstore.store import open_store
-from embedstore.train import train_baselines, train_classifier, train_prior
+from embedstore.train import BASELINE_KINDS, train_baselines, train_classifier, train_prior
 
 __all__ = ["DEFAULT_PATIENTS", "DemoResult", "run_demo"]
 
@@ -144,22 +145,34 @@ def run_demo(
                     f"{store_dir / 'runs'}/<run> to retrain one.")
     timings["train_s"] = time.perf_counter() - t0
 
-    t0 = stage(4, "Deterministic ablations (ridge regressions on the same pairs)")
+    t0 = stage(4, "Ablations on the same pairs: ridge regressions, soft-label distillation, "
+               "plain diffusion prior")
     tag = f"{_fraction_tag(label_fraction)}-s{seed}"
-    ridge = []
-    for kind in ("ridge_logit", "ridge_embed"):
+    have: dict[str, Run] = {}
+    for kind in BASELINE_KINDS:
         name = f"baseline-{tag}-{kind}"
         try:
-            ridge.append(load_run(store_dir / "runs", name))
+            have[kind] = load_run(store_dir / "runs", name)
             rep.message(f"reused run {name}")
         except RunNotFoundError:
-            ridge = train_baselines(store_dir, teacher=f"teacher-{tag}", seed=seed,
-                                    name=f"baseline-{tag}", reporter=rep)
-            break
+            pass
+    missing = [k for k in BASELINE_KINDS if k not in have]
+    if missing:
+        for r in train_baselines(store_dir, teacher=f"teacher-{tag}", seed=seed,
+                                 name=f"baseline-{tag}", kinds=missing, reporter=rep):
+            have[r.kind] = r
+    ablations = [have[k] for k in BASELINE_KINDS]
+    # the prior without its ridge mean (mean_model="none"): what the diffusion alone learns
+    plain, was_reused = _reuse_or_train(store_dir, f"prior-plain-{tag}", functools.partial(
+        train_prior, store_dir, teacher=f"teacher-{tag}", seed=seed, name=f"prior-plain-{tag}",
+        trainer=PriorTrainConfig(seed=seed, mean_model="none"), reporter=rep))
+    if was_reused:
+        rep.message(f"reused run {plain.run_id}")
     timings["baselines_s"] = time.perf_counter() - t0
 
     t0 = stage(5, "Evaluate on the test split")
-    runs = tuple(r.run_id for r in (main["teacher"], main["cxr"], main["prior"], *ridge))
+    runs = tuple(r.run_id for r in (main["teacher"], main["cxr"], main["prior"], plain,
+                                    *ablations))
     results = evaluate(store_dir, EvalConfig(runs=runs, out_dir=report, seed=seed))
     timings["eval_s"] = time.perf_counter() - t0
     exp = None

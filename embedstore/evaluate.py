@@ -22,7 +22,7 @@ import torch
 from embedstore import metrics as M
 from embedstore import plots
 from embedstore.errors import ConfigError
-from embedstore.fit import predict_student
+from embedstore.fit import predict_prior_mean, predict_student
 from embedstore.report import markdown_table, write_html_report
 from embedstore.retrieval_metrics import retrieval_metrics, shuffled_control
 from embedstore.runs import Run, list_runs, load_run
@@ -39,6 +39,10 @@ MODEL_NAMES = {
     "prior": ("distilled", "Distilled CXR (diffusion prior)"),
     "ridge_logit": ("ridge_logit", "Ablation: ridge CXR -> teacher logit"),
     "ridge_embed": ("ridge_embed", "Ablation: ridge CXR -> CTPA embedding"),
+    # arms named by what a run's config says, not by its kind alone (``_arm_kind``)
+    "prior_plain": ("prior_plain", "Ablation: plain diffusion prior (no ridge mean)"),
+    "ridge_mean_only": ("ridge_mean_only", "Ablation: teacher on the prior's ridge mean (no diffusion)"),
+    "softlabel_kd": ("softlabel_kd", "Ablation: CXR head on the teacher's soft labels"),
 }
 
 
@@ -108,6 +112,7 @@ class _Units:
     cxr: list[str]
     ctpa: list[str]
     y: np.ndarray  # (N,)
+    patient: list[str] = field(default_factory=list)  # (N,) the bootstrap's cluster ids
 
 
 @dataclass
@@ -122,13 +127,15 @@ class _Scored:
 
 def _units(store: Store, split: str) -> _Units:
     t = store.sql(
-        f"SELECT cxr_study_id, ctpa_study_id, label_pe FROM pairs WHERE split = {literal(split)} "
+        f"SELECT cxr_study_id, ctpa_study_id, label_pe, patient_id FROM pairs "
+        f"WHERE split = {literal(split)} "
         "AND label_pe IS NOT NULL AND cxr_study_id IS NOT NULL "
         "AND ctpa_study_id IS NOT NULL ORDER BY ctpa_study_id")
     if t.num_rows == 0:
         raise ConfigError(f"No labelled CXR/CTPA pairs in the {split} split: nothing to evaluate.")
     return _Units(t["cxr_study_id"].to_pylist(), t["ctpa_study_id"].to_pylist(),
-                  np.asarray(t["label_pe"].to_pylist(), dtype=np.int64))
+                  np.asarray(t["label_pe"].to_pylist(), dtype=np.int64),
+                  [str(p) for p in t["patient_id"].to_pylist()])
 
 
 class _Vectors:
@@ -167,7 +174,7 @@ def _score(run: Run, store: Store, vec: _Vectors, units: dict[str, _Units], cfg:
             if run.kind == "teacher":
                 x = torch.from_numpy(vec.get("CTPA", c["encoder_key"], u.ctpa))
                 out[split] = {"p": _probs(model(x))}
-            elif run.kind == "cxr":
+            elif run.kind in ("cxr", "softlabel_kd"):
                 x = torch.from_numpy(vec.get("CXR", c["encoder_key"], u.cxr))
                 out[split] = {"p": _probs(model(x))}
             else:
@@ -184,11 +191,23 @@ def _score(run: Run, store: Store, vec: _Vectors, units: dict[str, _Units], cfg:
                                                  seed=cfg.seed)  # type: ignore[arg-type]
                     out[split] = {"p": p.double().numpy(), "std": sd.double().numpy(),
                                   "emb": emb.numpy(), "steps": steps}
+                    if c["prior"].get("mean_model") == "ridge":
+                        # the ridge_mean_only arm: the teacher on the prior's own mean
+                        pm, em = predict_prior_mean(model, teacher, x)  # type: ignore[arg-type]
+                        out[split]["mean_p"] = pm.double().numpy()
+                        out[split]["mean_emb"] = em.numpy()
     return out
 
 
-def _name(run: Run, taken: set[str]) -> tuple[str, str]:
-    key, label = MODEL_NAMES[run.kind]
+def _arm_kind(run: Run) -> str:
+    """The MODEL_NAMES entry of a run: its kind, except a prior without ridge mean."""
+    if run.kind == "prior" and run.config.get("prior", {}).get("mean_model") == "none":
+        return "prior_plain"
+    return run.kind
+
+
+def _name(run: Run, taken: set[str], arm: str | None = None) -> tuple[str, str]:
+    key, label = MODEL_NAMES[arm or _arm_kind(run)]
     if key in taken:
         key, label = f"{key}:{run.run_id}", f"{label} [{run.run_id}]"
     taken.add(key)
@@ -205,8 +224,9 @@ def _sampling_grid(run: Run, store: Store, vec: _Vectors, u: _Units, uv: _Units,
         for k in (1, 2, 4, 8, 16):
             p, _, _ = predict_student(prior, teacher, x, k, steps, seed=cfg.seed)  # type: ignore[arg-type]
             s = p.double().numpy()
-            lo, hi = M.bootstrap_auc_ci(u.y, s, n_resamples=max(200, cfg.n_bootstrap // 4),
-                                        seed=cfg.seed)
+            lo, hi = M.cluster_bootstrap_auc_ci(u.y, s, u.patient,
+                                                n_resamples=max(200, cfg.n_bootstrap // 4),
+                                                seed=cfg.seed)
             rows.append({"num_samples": k, "steps": steps, "auc": M.roc_auc(u.y, s), "lo": lo, "hi": hi})
     return rows
 
@@ -218,6 +238,8 @@ def _label_efficiency(store: Store, vec: _Vectors, units: dict[str, _Units], cfg
     latest: dict[tuple[str, float], Run] = {}
     for r in list_runs(store.runs_dir, ("cxr", "prior", "teacher")):
         f = r.config.get("teacher_label_fraction") if r.kind == "prior" else r.config.get("label_fraction")
+        if _arm_kind(r) not in ("cxr", "prior", "teacher"):
+            continue  # e.g. a plain prior: the curve compares the distilled student only
         if f is not None and r.config.get("where") is None:
             latest[(r.kind, float(f))] = r  # list_runs is oldest first: keep the newest
     fracs = sorted({f for (_, f) in latest})
@@ -226,7 +248,8 @@ def _label_efficiency(store: Store, vec: _Vectors, units: dict[str, _Units], cfg
     u = units[cfg.split]
     for (kind, f), r in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         s = _score(r, store, vec, {cfg.split: u}, cfg)[cfg.split]["p"]
-        lo, hi = M.bootstrap_auc_ci(u.y, s, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+        lo, hi = M.cluster_bootstrap_auc_ci(u.y, s, u.patient, n_resamples=cfg.n_bootstrap,
+                                            seed=cfg.seed)
         rows.append({"fraction": f, "model": MODEL_NAMES[kind][1], "auc": M.roc_auc(u.y, s),
                      "lo": lo, "hi": hi, "run_id": r.run_id})
     return rows
@@ -276,20 +299,31 @@ def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> EvalResult:
         if "steps" in s[cfg.split]:
             sc.extra["steps"] = s[cfg.split]["steps"]
         scored.append(sc)
+        if "mean_p" in s[cfg.split]:
+            key, label = _name(r, taken, "ridge_mean_only")
+            scored.append(_Scored(r, key, label, s["val"]["mean_p"], s[cfg.split]["mean_p"],
+                                  {"test_emb": s[cfg.split]["mean_emb"], "derived": True}))
     u, uv = units[cfg.split], units["val"]
     table: list[dict[str, Any]] = []
     for sc in scored:
         summ = M.summarize_binary(u.y, sc.test, y_val=uv.y, s_val=sc.val,
                                   n_resamples=cfg.n_bootstrap, seed=cfg.seed,
                                   score_kind="probability")
+        # patient-clustered: a patient's several studies are one draw, not independent cases
+        summ["auc_ci"] = list(M.cluster_bootstrap_auc_ci(u.y, sc.test, u.patient,
+                                                         n_resamples=cfg.n_bootstrap, seed=cfg.seed))
+        summ["auc_ci_method"] = "patient_bootstrap"
         table.append({"key": sc.key, "model": sc.label, "run_id": sc.run.run_id, **summ})
-    comparisons = _comparisons(scored, u.y, cfg)
+        if sc.extra.get("derived"):
+            table[-1]["derived_from"] = sc.run.run_id
+    comparisons = _comparisons(scored, u.y, cfg, groups=u.patient)
     for row in table:
         for c in comparisons:
             if c["model"] == row["key"] and c["reference"] == "cxr_only":
                 row["delta_auc_vs_cxr_only"] = c["delta_auc"]
                 row["delta_auc_ci"] = c["delta_auc_ci"]
                 row["delta_auc_delong_p"] = c["delong_p"]
+        _delta_vs(row, comparisons, "distilled")
     out = Path(cfg.out_dir) if cfg.out_dir else (
         store.root / "reports" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +336,7 @@ def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> EvalResult:
     extras: dict[str, Any] = {}
     refs = {t["model"]: t["auc"] for t in table if t["key"] in ("cxr_only", "ridge_logit")}
     for sc in scored:
-        if sc.run.kind != "prior":
+        if sc.run.kind != "prior" or sc.extra.get("derived"):
             continue
         if cfg.sampling_grid:
             grid = _sampling_grid(sc.run, store, vec, u, uv, cfg)
@@ -332,7 +366,10 @@ def evaluate(store_path: str | os.PathLike[str], cfg: EvalConfig) -> EvalResult:
         notes=_notes(table, comparisons), out_dir=out, **extras)
     (out / "metrics.json").write_text(json.dumps(results.to_dict(), indent=2, default=_jdefault))
     cols = {"model": "Model", "auc": "AUC", "auc_ci": "AUC 95% CI", "accuracy": "Accuracy",
-            "sensitivity": "Sensitivity", "specificity": "Specificity", "auprc": "AUPRC", "ece": "ECE"}
+            "sensitivity": "Sensitivity", "specificity": "Specificity", "auprc": "AUPRC", "ece": "ECE",
+            "delta_auc_vs_cxr_only": "ΔAUC vs CXR-only", "delta_auc_ci": "ΔAUC 95% CI",
+            "delta_auc_vs_distilled": "ΔAUC vs distilled",
+            "delta_auc_vs_distilled_ci": "ΔAUC 95% CI (vs distilled)"}
     md = [f"# Evaluation ({cfg.split} split, n={len(u.y)}, {int(u.y.sum())} PE-positive)\n",
           markdown_table(table, cols), "\n## Paired comparisons\n",
           markdown_table(comparisons, None) if comparisons else "none\n"]
@@ -363,7 +400,27 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def _comparisons(scored: list[_Scored], y: np.ndarray, cfg: EvalConfig) -> list[dict[str, Any]]:
+def _delta_vs(row: dict[str, Any], comps: list[dict[str, Any]], ref: str) -> None:
+    """Put the row's paired dAUC vs ``ref`` into ``delta_auc_vs_<ref>{,_ci,_delong_p}``.
+
+    Read from either direction of a comparison: the bootstrap draws the same patients for
+    both orders, so (b vs a) is exactly -(a vs b), its CI mirrored."""
+    for c in comps:
+        if c["model"] == row["key"] and c["reference"] == ref:
+            d, ci = c["delta_auc"], list(c["delta_auc_ci"])
+        elif c["model"] == ref and c["reference"] == row["key"]:
+            d, ci = -c["delta_auc"], [-c["delta_auc_ci"][1], -c["delta_auc_ci"][0]]
+        else:
+            continue
+        row[f"delta_auc_vs_{ref}"] = d
+        row[f"delta_auc_vs_{ref}_ci"] = ci
+        row[f"delta_auc_vs_{ref}_delong_p"] = c["delong_p"]
+        return
+
+
+def _comparisons(scored: list[_Scored], y: np.ndarray, cfg: EvalConfig,
+                 groups: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Paired comparisons; ``groups`` (patient ids) makes the bootstrap resample patients."""
     by_key = {sc.key: sc for sc in scored}
     pairs = []
     for sc in scored:
@@ -374,11 +431,22 @@ def _comparisons(scored: list[_Scored], y: np.ndarray, cfg: EvalConfig) -> list[
                 if ref == "ctpa_only" and sc.run.kind != "prior":
                     continue
                 pairs.append((sc, by_key[ref]))
+    # every other arm vs the distilled student, unless that pair is there in the other order
+    done = {(a.key, b.key) for a, b in pairs}
+    for sc in scored:
+        ref = by_key.get("distilled")
+        if (ref is not None and sc.key not in ("distilled", "ctpa_only")
+                and (sc.key, "distilled") not in done and ("distilled", sc.key) not in done):
+            pairs.append((sc, ref))
     rows = []
     for a, b in pairs:
         d = M.delong_test(y, a.test, b.test)
-        delta, lo, hi = M.paired_bootstrap_delta(y, a.test, b.test, n_resamples=cfg.n_bootstrap,
-                                                 seed=cfg.seed)
+        if groups is not None:
+            delta, lo, hi = M.cluster_paired_bootstrap_delta(
+                y, a.test, b.test, groups, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+        else:
+            delta, lo, hi = M.paired_bootstrap_delta(y, a.test, b.test,
+                                                     n_resamples=cfg.n_bootstrap, seed=cfg.seed)
         rows.append({"model": a.key, "reference": b.key, "delta_auc": delta,
                      "delta_auc_ci": [lo, hi], "delong_p": d.p, "delong_ci": list(d.ci)})
     return rows
@@ -387,8 +455,8 @@ def _comparisons(scored: list[_Scored], y: np.ndarray, cfg: EvalConfig) -> list[
 def _notes(table: list[dict[str, Any]], comps: list[dict[str, Any]]) -> list[str]:
     notes = ["Thresholds for accuracy/sensitivity/specificity are chosen on the validation split "
              "(Youden's J) and applied unchanged to the test split.",
-             "AUC CIs: stratified bootstrap; deltas: paired bootstrap on the same test patients, "
-             "with DeLong's test."]
+             "AUC CIs and deltas: bootstrap over patients (a patient's cases are drawn together), "
+             "deltas paired on the same test patients, with DeLong's test."]
     auc = {t["key"]: t["auc"] for t in table}
     vs_ridge = next((c for c in comps if c["model"] == "distilled"
                      and c["reference"] == "ridge_logit"), None)
@@ -411,6 +479,14 @@ def _notes(table: list[dict[str, Any]], comps: list[dict[str, Any]]) -> list[str
             notes.append(f"Distilled - CXR-only: dAUC {c['delta_auc']:+.3f}, 95% CI "
                          f"[{c['delta_auc_ci'][0]:+.3f}, {c['delta_auc_ci'][1]:+.3f}] ({verdict}); "
                          f"DeLong p = {c['delong_p']:.3g}.")
+    mean_only = next((t for t in table if t["key"] == "ridge_mean_only"), None)
+    if mean_only is not None and "delta_auc_vs_distilled" in mean_only:
+        # distilled - mean_only is minus the stored (mean_only - distilled), its CI mirrored
+        d = -mean_only["delta_auc_vs_distilled"]
+        lo, hi = (-x for x in mean_only["delta_auc_vs_distilled_ci"][::-1])
+        sig = "not significant" if lo <= 0 <= hi else "significant"
+        notes.append(f"What the diffusion adds over its own ridge mean: distilled - "
+                     f"ridge_mean_only dAUC {d:+.3f} [{lo:+.3f}, {hi:+.3f}], {sig}.")
     return notes
 
 
@@ -440,7 +516,9 @@ def results_summary(results: EvalResult) -> dict[str, Any]:
     for m in results.models:
         entry = {k: m[k] for k in ("auc", "auc_ci", "accuracy", "sensitivity", "specificity",
                                    "auprc", "run_id")}
-        for k in ("delta_auc_vs_cxr_only", "delta_auc_ci", "delta_auc_delong_p"):
+        for k in ("delta_auc_vs_cxr_only", "delta_auc_ci", "delta_auc_delong_p",
+                  "delta_auc_vs_distilled", "delta_auc_vs_distilled_ci",
+                  "delta_auc_vs_distilled_delong_p", "auc_ci_method", "derived_from"):
             if k in m:
                 entry[k] = m[k]
         out[m["key"]] = entry

@@ -68,6 +68,8 @@ ARM_NEEDS: dict[str, tuple[str, ...]] = {
     "distilled": ("teacher", "prior"),
     "ridge_logit": ("teacher", "baselines"),
     "ridge_embed": ("teacher", "baselines"),
+    "ridge_mean_only": ("teacher", "prior"),  # derived by eval from the ridge-mean prior
+    "softlabel_kd": ("teacher", "baselines"),
 }
 DEFAULT_ARMS = ("ctpa_only", "cxr_only", "distilled", "ridge_logit")
 DEFAULT_COMPARE = (("distilled", "cxr_only"), ("distilled", "ridge_logit"))
@@ -190,7 +192,7 @@ def _run_cell(store_root: str, exp_id: str, cfg_dict: dict[str, Any], fraction: 
     from embedstore.evaluate import EvalConfig, evaluate
     from embedstore.fit import ClassifierTrainConfig, PriorTrainConfig
     from embedstore.runs import load_run
-    from embedstore.train import train_baselines, train_classifier, train_prior
+    from embedstore.train import BASELINE_KINDS, train_baselines, train_classifier, train_prior
 
     torch.set_num_threads(1)
     cfg = ExperimentConfig(**{**cfg_dict, "compare": tuple(map(tuple, cfg_dict["compare"])),
@@ -221,12 +223,17 @@ def _run_cell(store_root: str, exp_id: str, cfg_dict: dict[str, Any], fraction: 
         runs.append(name)
     if "baselines" in needs:
         base = f"{tag}-baseline-{cell}"
-        try:
-            got = [load_run(root / "runs", f"{base}-{k}").run_id
-                   for k in ("ridge_logit", "ridge_embed")]
-        except RunNotFoundError:
-            got = [r.run_id for r in train_baselines(root, teacher=teacher, seed=seed, name=base)]
-        runs.extend(got)
+        got: dict[str, str] = {}
+        for k in BASELINE_KINDS:
+            try:
+                got[k] = load_run(root / "runs", f"{base}-{k}").run_id
+            except RunNotFoundError:
+                pass
+        missing = [k for k in BASELINE_KINDS if k not in got]
+        if missing:  # a cell from before a baseline kind existed trains only that one
+            got.update({r.kind: r.run_id for r in train_baselines(
+                root, teacher=teacher, seed=seed, name=base, kinds=missing)})
+        runs.extend(got[k] for k in BASELINE_KINDS)
     tables = []
     tmp = Path(cell_path).parent / f".eval-{cell}-{os.getpid()}"
     for split in ("val", "test"):

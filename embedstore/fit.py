@@ -38,6 +38,8 @@ __all__ = [
     "fit_classifier",
     "fit_prior",
     "predict_student",
+    "predict_prior_mean",
+    "fit_softlabel_kd",
     "fit_ridge_logit",
     "predict_ridge_logit",
     "fit_ridge_embed",
@@ -420,6 +422,21 @@ def predict_student(
 
 
 @torch.no_grad()
+def predict_prior_mean(prior: DiffusionPrior, teacher: nn.Module, cxr: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``ridge_mean_only`` arm: (prob (N,), emb (N, Dc)) of the teacher on the prior's own
+    mean prediction for raw CXR embeddings (N, Dx) -- no diffusion, no noise.
+
+    With ``mean_model="none"`` the mean is the training-set mean CTPA embedding for every case,
+    so the arm is only meaningful for a ridge-mean prior."""
+    dev = prior.cond_mean.device
+    cxr = _as_tensor(cxr, "cxr", ndim=2).to(dev)
+    frozen = _teacher_copy(teacher, dev)
+    emb = prior.unstandardize_target(prior.prior_mean(prior.standardize_cond(cxr)))  # (N, Dc)
+    return torch.sigmoid(frozen(emb).float()), emb
+
+
+@torch.no_grad()
 def _select_mean_alpha(prior: DiffusionPrior, teacher: nn.Module, path: RidgePath,
                        cxr_val: torch.Tensor, y_val: torch.Tensor) -> None:
     """Pick the ridge-mean penalty by the validation AUC of teacher(mean) (validation only);
@@ -554,6 +571,52 @@ def fit_ridge_logit(
         raise RuntimeError("no ridge penalty was evaluated")
     return FitResult(best[2].eval(), history, best[1], best[0], time.perf_counter() - t0,
                      {"alpha": cfg.alphas[best[1]]})
+
+
+def fit_softlabel_kd(
+    cxr_tr: torch.Tensor,
+    soft_tr: torch.Tensor,
+    cxr_val: torch.Tensor,
+    y_val: torch.Tensor,
+    cfg: ClassifierTrainConfig = ClassifierTrainConfig(),
+    *,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Plain pseudo-label distillation: a CXR head fitted to soft targets (N,) in [0, 1].
+
+    The targets are the teacher's probabilities on each training pair's CTPA embedding, so no
+    training label enters; BCE on soft targets has no class weight (the targets carry the
+    teacher's own balance). Selection: the best validation AUC, as for every other head."""
+    t0 = time.perf_counter()
+    dev = resolve_device(cfg.device)
+    x_tr = _as_tensor(cxr_tr, "cxr_tr", ndim=2)
+    x_val = _as_tensor(cxr_val, "cxr_val", ndim=2)
+    q_tr = _as_tensor(soft_tr, "soft_tr", ndim=1)
+    if q_tr.shape != (x_tr.shape[0],):
+        raise ConfigError(f"soft_tr must have shape ({x_tr.shape[0]},), got {tuple(q_tr.shape)}.")
+    if bool(((q_tr < 0) | (q_tr > 1)).any()):
+        raise ConfigError("soft_tr must hold probabilities in [0, 1]; pass sigmoid(teacher logit).")
+    y_val = _check_labels(_as_tensor(y_val, "y_val", ndim=1), "y_val", x_val.shape[0])
+    if x_val.shape[1] != x_tr.shape[1]:
+        raise ConfigError(f"cxr_val has dim {x_val.shape[1]} but cxr_tr has dim {x_tr.shape[1]}.")
+    x_tr, q_tr, x_val, y_val = (t.to(dev) for t in (x_tr, q_tr, x_val, y_val))
+    with _seeded(cfg.seed, dev, cfg.num_threads):
+        model = create_head(cfg.head_config(x_tr.shape[1])).to(dev)
+        model.set_standardizer(x_tr)
+        loss_fn = nn.BCEWithLogitsLoss()
+
+        def step(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            loss = loss_fn(model(x_tr.index_select(0, idx)).float(), q_tr.index_select(0, idx))
+            return loss, {"loss": float(loss.detach())}
+
+        def evaluate() -> float:
+            return auc_score(model(x_val).float(), y_val)
+
+        hist, best_epoch, best_auc = _train_loop(
+            model, list(model.parameters()), step, evaluate, x_tr.shape[0], cfg, dev, on_epoch,
+            eval_every=1,
+        )
+    return FitResult(model.eval(), hist, best_epoch, best_auc, time.perf_counter() - t0)
 
 
 def predict_ridge_logit(model: RidgeRegression, cxr: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Training on cached latents: CTPA teacher, CXR-only baseline, diffusion prior, ridge ablations.
+"""Training on cached latents: CTPA teacher, CXR-only baseline, diffusion prior, ablations.
 
 This module turns a store + options into tensors and runs (``runs.py``); the loops themselves are
 in ``fit.py``. The test split is never read here: every load is restricted to ``train`` or
@@ -33,6 +33,7 @@ from embedstore.fit import (
     fit_prior,
     fit_ridge_embed,
     fit_ridge_logit,
+    fit_softlabel_kd,
 )
 from embedstore.manifest import label_subset
 from embedstore.models.baselines import RidgeRegression
@@ -48,6 +49,7 @@ __all__ = [
     "train_classifier",
     "train_prior",
     "train_baselines",
+    "BASELINE_KINDS",
     "run_training",
     "TrainingResult",
     "load_model",
@@ -166,7 +168,7 @@ def load_model(run: Run) -> torch.nn.Module:
     """Rebuild a run's model from config.json + weights.safetensors (eval mode, CPU)."""
     w = run.weights()
     cfg = run.config
-    if run.kind in ("teacher", "cxr"):
+    if run.kind in ("teacher", "cxr", "softlabel_kd"):
         model: torch.nn.Module = create_head(HeadConfig.from_dict(dict(cfg["head"])))
     elif run.kind == "prior":
         model = DiffusionPrior(PriorConfig.from_dict(dict(cfg["prior"])))
@@ -364,6 +366,10 @@ def train_prior(
     return run
 
 
+#: What ``train baselines`` fits, in order (``kinds`` picks a subset).
+BASELINE_KINDS = ("ridge_logit", "ridge_embed", "softlabel_kd")
+
+
 def train_baselines(
     store_path: str | os.PathLike[str],
     *,
@@ -373,43 +379,85 @@ def train_baselines(
     seed: int = 0,
     name: str | None = None,
     trainer: RidgeTrainConfig | None = None,
+    kinds: Sequence[str] = BASELINE_KINDS,
     reporter: Reporter | None = None,
 ) -> list[Run]:
-    """Deterministic ablations on all training pairs: ridge CXR -> teacher logit / CTPA embedding.
+    """Ablations on all training pairs, none of which reads a training label: ridge CXR ->
+    teacher logit, ridge CXR -> CTPA embedding, and ``softlabel_kd`` (a CXR head trained on the
+    teacher's soft labels, sigmoid of its logit on each pair's CTPA embedding).
 
-    ``reporter`` gets each run as it is committed (closed-form fits: no bar)."""
+    ``kinds`` picks a subset of ``BASELINE_KINDS``. ``reporter`` gets each run as it is
+    committed (the ridges are closed-form: no bar)."""
+    unknown = [k for k in kinds if k not in BASELINE_KINDS]
+    if unknown or not kinds:
+        raise ConfigError(f"Unknown baseline kind(s) {unknown or list(kinds)}. "
+                          f"Valid: {', '.join(BASELINE_KINDS)}.")
     store = open_store(store_path)
     t_run = load_run(store.runs_dir, teacher)
+    if t_run.kind != "teacher":
+        raise IncompatibleRunError(f"--teacher {teacher!r} is a {t_run.kind!r} run, not a teacher.")
     ctpa_key = str(t_run.config["encoder_key"])
     cxr_key = resolve_encoder(store, "CXR", cxr_encoder)
     head = load_model(t_run)
     trainer = trainer or RidgeTrainConfig()
+    # the training labels (third value) are dropped here: no baseline may read them
     cx_tr, ct_tr, _, _ = _paired(store, cxr_key, ctpa_key, "train", where)
     cx_va, _, y_va, _ = _paired(store, cxr_key, ctpa_key, "val", where)
     m_va = ~np.isnan(y_va)
+    common = {"teacher_run": t_run.run_id, "cxr_encoder_key": cxr_key,
+              "ctpa_encoder_key": ctpa_key, "encoder_key": cxr_key, "seed": seed, "where": where,
+              "teacher_label_fraction": t_run.config.get("label_fraction"),
+              "store": str(store.root.resolve()), "n_train_pairs": int(len(cx_tr))}
     runs = []
-    fits: list[tuple[str, Callable[..., FitResult]]] = [("ridge_logit", fit_ridge_logit),
-                                                        ("ridge_embed", fit_ridge_embed)]
-    for kind, fn in fits:
-        res = fn(torch.from_numpy(cx_tr), torch.from_numpy(ct_tr), head,
-                 torch.from_numpy(cx_va[m_va]), torch.from_numpy(y_va[m_va]).float(), trainer)
+    fits: dict[str, Callable[..., FitResult]] = {"ridge_logit": fit_ridge_logit,
+                                                 "ridge_embed": fit_ridge_embed}
+    for kind in [k for k in BASELINE_KINDS if k in kinds]:
+        if kind == "softlabel_kd":
+            run = _train_softlabel_kd(store, head, cx_tr, ct_tr, cx_va[m_va], y_va[m_va],
+                                      common, seed, name, reporter)
+            runs.append(run)
+            continue
+        res = fits[kind](torch.from_numpy(cx_tr), torch.from_numpy(ct_tr), head,
+                         torch.from_numpy(cx_va[m_va]), torch.from_numpy(y_va[m_va]).float(), trainer)
         model: RidgeRegression = res.model  # type: ignore[assignment]
         with RunWriter(store.runs_dir, kind, f"{name}-{kind}" if name else None) as rw:
             for row in res.history:
                 rw.log(row)
             run = rw.commit(
-                config={"teacher_run": t_run.run_id, "cxr_encoder_key": cxr_key,
-                        "ctpa_encoder_key": ctpa_key, "encoder_key": cxr_key,
+                config={**common,
                         "ridge": {"in_dim": int(cx_tr.shape[1]),
                                   "out_dim": 1 if kind == "ridge_logit" else int(ct_tr.shape[1]),
                                   "alpha": float(res.extra["alpha"])},
-                        "trainer": trainer.to_dict(), "seed": seed, "where": where,
-                        "teacher_label_fraction": t_run.config.get("label_fraction"),
-                        "store": str(store.root.resolve()), "n_train_pairs": int(len(cx_tr))},
+                        "trainer": trainer.to_dict()},
                 tensors=_state(model), metrics=_fit_metrics(res))
         reporter_or_null(reporter).done(run)
         runs.append(run)
     return runs
+
+
+def _train_softlabel_kd(store: Store, teacher: torch.nn.Module, cx_tr: np.ndarray,
+                        ct_tr: np.ndarray, cx_va: np.ndarray, y_va: np.ndarray,
+                        common: dict[str, Any], seed: int, name: str | None,
+                        reporter: Reporter | None) -> Run:
+    """The softlabel_kd run: targets = sigmoid(teacher(CTPA)) of every training pair."""
+    with torch.no_grad():
+        soft = torch.sigmoid(teacher(torch.from_numpy(ct_tr)).float())  # (P,) in (0, 1)
+    trainer = ClassifierTrainConfig(seed=seed)
+    kind = "softlabel_kd"
+    with RunWriter(store.runs_dir, kind, f"{name}-{kind}" if name else None) as rw:
+        with reporter_or_null(reporter).bar(f"train {kind}", trainer.epochs) as bar:
+            res = fit_softlabel_kd(torch.from_numpy(cx_tr), soft, torch.from_numpy(cx_va),
+                                   torch.from_numpy(y_va).float(), trainer,
+                                   on_epoch=_epoch_logger(rw, bar))
+        run = rw.commit(
+            config={**common, "modality": "CXR", "head": res.model.config.to_dict(),  # type: ignore[union-attr]
+                    "trainer": trainer.to_dict(),
+                    "targets": "sigmoid(teacher logit) of each training pair's CTPA embedding",
+                    "uses_train_labels": False,
+                    "soft_label_mean": float(soft.mean())},
+            tensors=_state(res.model), metrics=_fit_metrics(res))
+    reporter_or_null(reporter).done(run)
+    return run
 
 
 def _parse_sweep(items: Sequence[str]) -> list[dict[str, Any]]:
