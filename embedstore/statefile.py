@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -51,12 +52,20 @@ def _read_bytes(path: str | os.PathLike[str], read: Callable[[], bytes] | None,
         _raise(error, what, path, "wrong_type", "is a folder, not a file", fix, e)
 
 
+# What may follow the last point the decoder accepted when the text is a prefix of valid JSON:
+# nothing, or the start of one token (a string without its closing quote, a partial number, the
+# first letters of true / false / null).
+_TOKEN_PREFIX = re.compile(r'("(?:[^"\\]|\\.)*\\?|-?\d*\.?\d*(?:[eE][+-]?\d*)?'
+                           r"|t(?:r(?:ue?)?)?|f(?:a(?:l(?:se?)?)?)?|n(?:u(?:ll?)?)?)")
+
+
 def _looks_truncated(text: str, e: json.JSONDecodeError) -> bool:
-    """A JSON document that parses up to where the text ends: the tail of a torn write."""
+    """The text is a prefix of a JSON document (the decoder accepted everything before ``e.pos``
+    and what is left is at most the start of one token): the tail of a torn write."""
     body = text.rstrip()
     if not body or body[0] not in "{[":
         return False
-    return e.pos >= len(body) - 1 or e.msg.startswith("Unterminated string")
+    return _TOKEN_PREFIX.fullmatch(body[e.pos:]) is not None
 
 
 def _type_name(t: type | tuple[type, ...]) -> str:

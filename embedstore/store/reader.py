@@ -197,7 +197,8 @@ def read_store_doc(doc_path: Path) -> dict:
     fix = ("Restore it from a backup, or write it again as "
            f'{{"format": "{FORMAT_NAME}", "schema_version": {SCHEMA_VERSION}, "config": {{}}}} '
            "(it holds no data: vectors, commit parts and runs are untouched).")
-    return read_json_state(doc_path, "Store document", fix=fix, error=StoreDocCorruptError)
+    return read_json_state(doc_path, "Store document", fix=fix, error=StoreDocCorruptError,
+                           required=("format", "schema_version"))
 
 
 #: What the user does about a damaged store manifest (extract without --shard replaces it).

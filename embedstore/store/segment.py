@@ -193,7 +193,7 @@ class SetDir:
             ) from e
         return read_json_state(
             self.backend.local_path(key), f"Spec of embedding set {self.name!r}",
-            read=lambda: data, error=StoreCorruptError,
+            read=lambda: data, error=StoreCorruptError, required=("dim", "dtype", "spec"),
             fix=(f"Restore it from a backup, or move the set folder {self.path} away and extract "
                  "that encoder again (`embedstore extract`); other sets are unaffected."))
 
