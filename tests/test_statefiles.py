@@ -331,3 +331,20 @@ def test_reattaching_the_manifest_is_the_fix(base_store: Path, tmp_path: Path) -
     s.attach_manifest(_manifest())
     assert s.info()["manifest_rows"] == _manifest().num_rows
     assert s.sql("SELECT count(*) AS n FROM studies")["n"][0].as_py() == _manifest().num_rows
+
+
+def test_a_damaged_run_blocks_latest_but_not_another_run_by_id(tmp_path: Path) -> None:
+    from embedstore.runs import load_run
+
+    for name, created in (("teacher-a", "2024-01-01"), ("teacher-b", "2024-01-02")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"run_id": name, "kind": "teacher", "created_at": created}))
+    assert load_run(tmp_path, "latest:teacher").run_id == "teacher-b"
+    (tmp_path / "teacher-b" / "config.json").write_bytes(b'{"run_id": "teacher-b", "ki')
+    # the damaged run may be the latest teacher: never silently fall back to an older one
+    with pytest.raises(CorruptStateError) as e:
+        load_run(tmp_path, "latest:teacher")
+    assert e.value.reason == "truncated"
+    assert f"delete the run folder {tmp_path / 'teacher-b'}" in str(e.value)
+    assert load_run(tmp_path, "teacher-a").run_id == "teacher-a"  # read alone, by its id
