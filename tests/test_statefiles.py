@@ -348,3 +348,17 @@ def test_a_damaged_run_blocks_latest_but_not_another_run_by_id(tmp_path: Path) -
     assert e.value.reason == "truncated"
     assert f"delete the run folder {tmp_path / 'teacher-b'}" in str(e.value)
     assert load_run(tmp_path, "teacher-a").run_id == "teacher-a"  # read alone, by its id
+
+
+def test_writing_store_json_as_the_message_says_is_the_fix(base_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(base_store, store)
+    (store / "store.json").write_bytes(b"\x00" * 40)  # a zero-filled block from a torn write
+    with pytest.raises(StoreDocCorruptError) as e:
+        open_store(store)
+    msg = str(e.value)
+    assert e.value.reason == "not_json" and str(store / "store.json") in msg
+    (store / "store.json").write_text(msg[msg.index("{"):msg.rindex("}") + 1])
+    s = open_store(store)
+    assert s.verify().ok
+    assert s.sql("SELECT count(*) AS n FROM embeddings")["n"][0].as_py() == 120
