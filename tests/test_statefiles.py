@@ -362,3 +362,18 @@ def test_writing_store_json_as_the_message_says_is_the_fix(base_store: Path, tmp
     s = open_store(store)
     assert s.verify().ok
     assert s.sql("SELECT count(*) AS n FROM embeddings")["n"][0].as_py() == 120
+
+
+@pytest.mark.parametrize("how,reason", [("empty", "empty"), ("truncated", "truncated"),
+                                        ("random", "not_parquet")])
+def test_a_damaged_input_manifest_is_one_error_line(tmp_path: Path, how: str, reason: str) -> None:
+    from embedstore.manifest import write_manifest
+
+    p = write_manifest(_manifest(), tmp_path, check_paths=False)
+    _corrupt(p, how, None)
+    r = CliRunner().invoke(app, ["manifest", "validate", str(p), "--no-check-paths"])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: Manifest {p} "), r.stderr
+    assert f"; reason: {reason}. " in lines[0]
