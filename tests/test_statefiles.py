@@ -220,7 +220,8 @@ RUN_CMDS = {"eval": ["eval", "{S}", "--run", "latest:teacher", "--bootstrap", "2
                      "{OUT}"],
             "train prior": ["train", "prior", "{S}", "--epochs", "1", "--name", "p1"]}
 STORE_CMDS = {"query": ["query", "{S}", "SELECT count(*) AS n FROM studies"], "info": ["info", "{S}"],
-              "gc": ["gc", "{S}"], "verify": ["verify", "{S}", "--json"]}
+              "gc": ["gc", "{S}"], "verify": ["verify", "{S}", "--json"],
+              "gc --yes": ["gc", "{S}", "--yes"]}
 # file -> (its path in the store, the missing key corruption's key, the commands that read it)
 FILES = {
     "run config": ("runs/teacher-1/config.json", "kind", RUN_CMDS),
@@ -228,6 +229,7 @@ FILES = {
     "store.json": ("store.json", "schema_version", STORE_CMDS),
     "spec.json": ("sets/CTPA/ct-a/spec.json", "dim",
                   {"info": STORE_CMDS["info"], "verify": STORE_CMDS["verify"]}),
+    # gc --yes deletes: with a damaged manifest it must refuse, before taking the lock
     "manifest": ("manifest.parquet", None, STORE_CMDS),
 }
 CORRUPTIONS = ("empty", "truncated", "random", "wrong_type", "missing_key")

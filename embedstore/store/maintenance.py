@@ -371,6 +371,9 @@ def _membership(sd: SetDir, key: str, sids: pa.Array, manifest: pa.Table) -> lis
 def gc(store: Store, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None,
        drop_unreferenced: bool = False) -> GcReport:
     """See Store.gc."""
+    # A damaged manifest refuses gc before the lock is taken, so the refusal writes nothing
+    # (it is read again under the lock: another writer may replace it meanwhile).
+    store.manifest_schema()
     lock = None if dry_run else Lock(store.root, None).acquire()
     try:
         return _gc(store, dry_run, None if keep_sets is None else {str(k) for k in keep_sets},
