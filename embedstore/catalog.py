@@ -36,9 +36,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from embedstore.errors import QueryError, QueryRefusedError
+from embedstore.errors import CorruptStateError, QueryError, QueryRefusedError
 from embedstore.pairing import PairingRule, candidates_sql, pairs_sql
 from embedstore.sql import literal
+from embedstore.statefile import read_json_state
 from embedstore.store._arrow import from_np, strings
 from embedstore.store.commitlog import FAILURES_SCHEMA
 from embedstore.store.format import DEFAULT_PAIR_MAX_GAP_HOURS
@@ -130,9 +131,9 @@ def read_experiments(root: Path) -> pa.Table:
     if root.is_dir():
         for d in sorted(root.iterdir()):
             try:
-                summ = json.loads((d / "summary.json").read_text())
-                conf = json.loads((d / "config.json").read_text())
-            except (OSError, ValueError):
+                summ = read_json_state(d / "summary.json", "Experiment summary", fix="")
+                conf = read_json_state(d / "config.json", "Experiment config", fix="")
+            except CorruptStateError:
                 continue  # unfinished or being written: not an experiment yet
             rows["experiment_id"].append(d.name)
             rows["name"].append(str(conf.get("name")))
@@ -158,15 +159,15 @@ def read_runs(runs_dir: Path) -> pa.Table:
         for d in sorted(runs_dir.iterdir()):
             if d.name.startswith("."):  # a run being written (or a killed one's temp)
                 continue
+            # the same loader as embedstore.runs; a damaged run is left out of this view (the
+            # commands that use it name the file), never an error for every query
             try:
-                config = json.loads((d / "config.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(config, dict):
+                config = read_json_state(d / "config.json", "Run config", fix="")
+            except CorruptStateError:
                 continue
             try:
-                metrics = json.loads((d / "metrics.json").read_text())
-            except (OSError, ValueError):
+                metrics = read_json_state(d / "metrics.json", "Run metrics", fix="")
+            except CorruptStateError:
                 metrics = None
             keys = config.get("encoder_keys")
             if not isinstance(keys, list):

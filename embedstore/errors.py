@@ -31,6 +31,9 @@ __all__ = [
     "StoreFormatError",
     "StoreLockedError",
     "StoreCorruptError",
+    "CorruptStateError",
+    "StoreDocCorruptError",
+    "ManifestCorruptError",
     "QueryRefusedError",
     "QueryError",
     "InterchangeError",
@@ -65,8 +68,34 @@ class StoreLockedError(EmbedstoreError, BlockingIOError):
     reason = "store_locked"
 
 
-class StoreCorruptError(EmbedstoreError, ValueError):
+class CorruptStateError(EmbedstoreError, ValueError):
+    """A state file (store.json, spec.json, manifest.parquet, a run's config.json, ...) is
+    missing, empty, truncated, garbled, of the wrong type or version (embedstore/statefile.py).
+
+    ``reason`` is one of ``embedstore.statefile.REASONS``; ``path`` is the file; ``fix`` the
+    remedy that the message ends with.
+    """
+
+    reason = "corrupt_state"
+
+    def __init__(self, message: str, *, reason: str | None = None, path: str | None = None,
+                 fix: str | None = None):
+        super().__init__(message, reason=reason)
+        self.path, self.fix = path, fix
+
+
+class StoreCorruptError(CorruptStateError):
+    """A file inside the store is damaged; ``embedstore verify`` lists such problems."""
+
     reason = "store_corrupt"
+
+
+class StoreDocCorruptError(StoreCorruptError, StoreFormatError):
+    """``store.json`` is unreadable (a StoreFormatError too, as it was before the loader)."""
+
+
+class ManifestCorruptError(CorruptStateError, ManifestError):
+    """The store's copy of the manifest is unreadable (a ManifestError too)."""
 
 
 class QueryRefusedError(EmbedstoreError, PermissionError):

@@ -58,6 +58,7 @@ from embedstore.experiment_stats import (
     verdict,
 )
 from embedstore.progress import Bar, Reporter, reporter_or_null
+from embedstore.statefile import parquet_state_schema, read_parquet_state
 
 __all__ = ["ExperimentConfig", "ExperimentResult", "load_experiment_config", "run_experiment"]
 
@@ -168,6 +169,15 @@ class ExperimentResult:
 
 def _cell_name(fraction: float, seed: int) -> str:
     return f"f{fraction:g}-s{seed}"
+
+
+_CELL_COLUMNS = ("label_fraction", "seed", "split", "ctpa_study_id", "cxr_study_id", "label_pe",
+                 "arm", "p")
+
+
+def _cell_fix(path: Path) -> str:
+    return (f"Delete {path}; the next `embedstore experiment` with this config retrains that "
+            "cell only (its runs are reused when intact).")
 
 
 def _reuse_or(store_root: Path, name: str, train: Callable[[], Any]) -> Any:
@@ -302,13 +312,18 @@ def run_experiment(store_path: str | os.PathLike[str], cfg: ExperimentConfig | s
     cells = [(f, s) for f in cfg.label_fractions for s in cfg.seeds]
     paths = {c: out / "cells" / f"{_cell_name(*c)}.parquet" for c in cells}
     missing = [c for c in cells if not paths[c].exists()]
+    for c in cells:  # a damaged finished cell is named before hours of training, not after
+        if c not in missing:
+            parquet_state_schema(paths[c], "Experiment cell", required=_CELL_COLUMNS,
+                                 fix=_cell_fix(paths[c]))
     reused = len(cells) - len(missing)
     if reused:
         rep.message(f"reusing {reused} of {len(cells)} finished cells in {out / 'cells'}")
     with rep.bar(f"experiment {exp_id}", len(cells)) as bar:
         bar.update(reused)
         _run_cells(cfg, root, exp_id, missing, paths, workers, bar)
-    table = pa.concat_tables([pq.read_table(paths[c]) for c in cells])
+    table = pa.concat_tables([read_parquet_state(paths[c], "Experiment cell", fix=_cell_fix(paths[c]),
+                                                 required=_CELL_COLUMNS) for c in cells])
     with atomic_path(out / "predictions.parquet") as t:
         pq.write_table(table, t)
     summary = summarize(table, cfg)

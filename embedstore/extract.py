@@ -352,12 +352,10 @@ def _attach_manifest(store: Store, manifest: Manifest, scope: str | None) -> Non
     """Shards of one extraction share the store lock: none of them may swap the manifest that
     the others are extracting from."""
     if scope is not None and store.manifest_path.exists():
-        import pyarrow.parquet as pq
-
         def canon(t: pa.Table) -> pa.Table:
             return t.replace_schema_metadata(None).sort_by("study_id")
 
-        if not canon(pq.read_table(store.manifest_path)).equals(canon(manifest.table)):
+        if not canon(store.read_manifest()).equals(canon(manifest.table)):
             raise ConfigError(
                 f"--shard {scope}: the store's manifest differs from the one given. Every shard "
                 "of one extraction must use the same manifest; run the shards with that one, or "

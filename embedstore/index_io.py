@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from embedstore._fsio import atomic_write_bytes
-from embedstore.errors import ConfigError, FaissIndexError
+from embedstore.errors import ConfigError, CorruptStateError, FaissIndexError
 from embedstore.index import (
     _IVF_KINDS,
     _RUNTIME_OPTIONS,
@@ -30,6 +30,7 @@ from embedstore.index import (
     sidecar_path,
     vectors_checksum,
 )
+from embedstore.statefile import read_json_state
 
 __all__ = ["get_or_build_index", "load_index", "read_sidecar", "save_index"]
 
@@ -95,14 +96,11 @@ def read_sidecar(path: str | os.PathLike) -> dict:
             reason="index_missing",
         )
     try:
-        side = json.loads(side_p.read_text())
-        if not isinstance(side, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise FaissIndexError(
-            f"Index sidecar {side_p} is unreadable ({type(e).__name__}: {e}); delete it and rebuild.",
-            reason="index_corrupt",
-        ) from e
+        side = read_json_state(side_p, "Index sidecar", fix="Delete it and rebuild the index.")
+    except CorruptStateError as e:
+        # callers (get_or_build_index) rebuild on ``index_corrupt``; the state reason stays in
+        # the message and on the cause
+        raise FaissIndexError(str(e), reason="index_corrupt") from e
     version = side.get("schema_version")
     if version != INDEX_SCHEMA_VERSION:
         raise FaissIndexError(

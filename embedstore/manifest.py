@@ -29,8 +29,9 @@ import pyarrow.parquet as pq
 
 from embedstore._fsio import atomic_path
 from embedstore.domain import Modality
-from embedstore.errors import ManifestError
+from embedstore.errors import ManifestCorruptError, ManifestError
 from embedstore.pseudonym import load_pseudonym_key, pseudonymise
+from embedstore.statefile import read_parquet_state
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -306,7 +307,9 @@ def load_manifest(path: str | os.PathLike[str], *, check_paths: bool = True) -> 
         raise ManifestError(f"Manifest file {str(p)!r} does not exist.")
     try:
         if p.suffix == ".parquet":
-            table = pq.read_table(p)
+            table = read_parquet_state(p, "Manifest", error=ManifestCorruptError, fix=(
+                "Write it again from its source (a torn copy? compare it with the original); "
+                "`embedstore manifest validate` checks it."))
         elif p.suffix in (".csv", ".tsv"):
             opts = pacsv.ParseOptions(delimiter="\t" if p.suffix == ".tsv" else ",")
             conv = pacsv.ConvertOptions(
@@ -325,7 +328,12 @@ def load_manifest(path: str | os.PathLike[str], *, check_paths: bool = True) -> 
     except (pa.ArrowInvalid, OSError) as e:
         raise ManifestError(f"Could not read manifest {str(p)!r}: {e}") from e
     meta_raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    metadata = json.loads(meta_raw) if meta_raw else {}
+    try:
+        metadata = json.loads(meta_raw) if meta_raw else {}
+    except ValueError as e:
+        raise ManifestCorruptError(f"Manifest {str(p)!r} has unreadable {METADATA_KEY.decode()} "
+                                   f"metadata ({e}). Write it again with embedstore.manifest.",
+                                   reason="not_json", path=str(p)) from e
     table = validate_manifest(table, p.parent.resolve(), check_paths=check_paths)
     return Manifest(table=table, base_dir=p.parent.resolve(), metadata=metadata)
 

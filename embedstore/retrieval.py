@@ -217,7 +217,7 @@ def build_store_index(store_path: str | os.PathLike[str], *, encoder_key: str,
 def _manifest_rows(store: Store, study_ids: list[str]) -> dict[str, dict]:
     """Manifest rows of a few studies, in one SQL query over manifest.parquet (the ``studies``
     view's source) rather than building the whole catalog for k rows."""
-    if not study_ids or not store.manifest_path.exists():
+    if not study_ids or store.manifest_schema() is None:  # (ManifestCorruptError if damaged)
         return {}
     import duckdb
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from embedstore._fsio import atomic_write_bytes
 from embedstore.errors import CheckpointError, IncompatibleRunError, RunNotFoundError
+from embedstore.statefile import read_json_state
 
 __all__ = ["RUN_KINDS", "Run", "RunWriter", "list_runs", "load_run", "provenance"]
 
@@ -176,10 +177,14 @@ def _json_default(o: Any) -> Any:
 
 
 def _read(path: Path) -> Run:
-    cfg = json.loads((path / "config.json").read_text())
+    """A run folder's config and metrics (CorruptStateError naming the file when damaged: runs
+    are renamed into place whole, so a damaged one was broken after it was written)."""
+    fix = (f"Move or delete the run folder {path} and train that run again; nothing else in "
+           "the store depends on it.")
+    cfg = read_json_state(path / "config.json", "Run config", fix=fix, required=("run_id", "kind"))
     mf = path / "metrics.json"
-    metrics = json.loads(mf.read_text()) if mf.exists() else {}
-    return Run(cfg["run_id"], cfg["kind"], path, cfg, metrics)
+    metrics = read_json_state(mf, "Run metrics", fix=fix) if mf.exists() else {}
+    return Run(str(cfg["run_id"]), str(cfg["kind"]), path, cfg, metrics)
 
 
 def list_runs(runs_dir: Path, kinds: Iterable[str] | None = None) -> list[Run]:
@@ -197,7 +202,13 @@ def list_runs(runs_dir: Path, kinds: Iterable[str] | None = None) -> list[Run]:
 
 
 def load_run(runs_dir: Path, ref: str) -> Run:
-    """A run by id, unique id prefix, or ``latest:<kind>``."""
+    """A run by id, unique id prefix, or ``latest:<kind>``.
+
+    A run asked for by its exact id is read alone; any other lookup reads every run, so one
+    damaged run folder is an error then (it could be the latest of its kind)."""
+    if ref and not ref.startswith((".", "latest:")) and "/" not in ref \
+            and (runs_dir / ref / "config.json").exists():
+        return _read(runs_dir / ref)
     runs = list_runs(runs_dir)
     if ref.startswith("latest:"):
         kind = ref.split(":", 1)[1]

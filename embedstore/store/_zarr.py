@@ -26,6 +26,7 @@ import numpy as np
 
 from embedstore._faults import PutFaults
 from embedstore.errors import StoreCorruptError, StoreFormatError
+from embedstore.statefile import read_json_state
 from embedstore.store._backend import TEMP_SUFFIX, Backend, LocalBackend
 
 __all__ = ["RowArray", "sweep_partials", "chunk_rows_for", "CHUNK_TARGET_BYTES"]
@@ -136,19 +137,12 @@ class RowArray:
     @classmethod
     def open(cls, backend: Backend, key: str) -> RowArray:
         meta_key = f"{key}/zarr.json"
-        try:
-            meta = json.loads(backend.read(meta_key))
-        except FileNotFoundError as e:
-            raise StoreCorruptError(
-                f"Zarr array metadata {backend.local_path(meta_key)!r} is missing; run "
-                "`embedstore verify`.",
-            ) from e
-        except (OSError, ValueError) as e:
-            raise StoreCorruptError(
-                f"Zarr array metadata {backend.local_path(meta_key)!r} is unreadable ({e}); run "
-                "`embedstore verify`."
-            ) from e
-        if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        meta = read_json_state(
+            backend.local_path(meta_key), "Zarr array metadata", read=lambda: backend.read(meta_key),
+            error=StoreCorruptError,
+            fix=("`embedstore verify` lists the rows it holds; move that segment folder away and "
+                 "extract its studies again (the other segments are unaffected)."))
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
             raise StoreFormatError(
                 f"{backend.local_path(key)!r} is not a Zarr v3 array (zarr_format 3 expected).")
         return cls(backend, key, meta)

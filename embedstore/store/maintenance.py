@@ -25,7 +25,12 @@ import pyarrow.compute as pc
 
 from embedstore._faults import fault_point
 from embedstore._fsio import atomic_write_bytes, tree_size
-from embedstore.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from embedstore.errors import (
+    CorruptStateError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
 from embedstore.store._arrow import bools, from_np, np_of, strings
 from embedstore.store._backend import TEMP_SUFFIX, Backend, LocalBackend
 from embedstore.store._crc import combine_rows
@@ -38,7 +43,6 @@ from embedstore.store.commitlog import (
     merge_parts,
     parse_v1_failures,
     parse_v1_log,
-    read_parquet,
     read_part_info,
     read_parts,
 )
@@ -154,11 +158,10 @@ def verify(store: Store) -> VerifyReport:
     problems: list[Problem] = []
     rows_checked = 0
     manifest = None
-    if store.manifest_path.exists():
-        try:
-            manifest = read_parquet(str(store.manifest_path), ["study_id", "modality"])
-        except (OSError, pa.ArrowException) as e:
-            problems.append(Problem("manifest_unreadable", "manifest.parquet", str(e)))
+    try:
+        manifest = store.read_manifest(["study_id", "modality"])
+    except CorruptStateError as e:
+        problems.append(Problem("manifest_unreadable", "manifest.parquet", str(e)))
     for sub in (SETS_DIR, FAILURES_DIR):
         for tmp in sweep_partials(root / sub, dry_run=True):
             problems.append(
@@ -368,6 +371,9 @@ def _membership(sd: SetDir, key: str, sids: pa.Array, manifest: pa.Table) -> lis
 def gc(store: Store, *, dry_run: bool = True, keep_sets: Iterable[str] | None = None,
        drop_unreferenced: bool = False) -> GcReport:
     """See Store.gc."""
+    # A damaged manifest refuses gc before the lock is taken, so the refusal writes nothing
+    # (it is read again under the lock: another writer may replace it meanwhile).
+    store.manifest_schema()
     lock = None if dry_run else Lock(store.root, None).acquire()
     try:
         return _gc(store, dry_run, None if keep_sets is None else {str(k) for k in keep_sets},
@@ -389,9 +395,10 @@ def _gc(store: Store, dry_run: bool, keep: set[str] | None,
         drop_unreferenced: bool = False) -> GcReport:
     root, backend = store.root, store.backend
     manifest_ids = None
-    if store.manifest_path.exists():
-        manifest_ids = read_parquet(str(store.manifest_path), ["study_id"])["study_id"]
-        manifest_ids = manifest_ids.combine_chunks()
+    # a damaged manifest refuses gc (ManifestCorruptError): which rows it references is unknown
+    manifest = store.read_manifest(["study_id"])
+    if manifest is not None:
+        manifest_ids = manifest["study_id"].combine_chunks()
     superseded: dict[str, int] = {}
     unreferenced: dict[str, int] = {}
     drop_sets: list[SetDir] = []
@@ -599,13 +606,12 @@ def upgrade_store(path: str | os.PathLike[str]) -> UpgradeReport:
     """
     root = Path(path).expanduser().resolve()
     doc_path = root / STORE_DOC
-    try:
-        doc = json.loads(doc_path.read_text())
-    except FileNotFoundError as e:
-        raise StoreNotFoundError(f"No embedstore store at {str(root)!r} (no store.json).") from e
-    except (OSError, ValueError) as e:
-        raise StoreFormatError(f"{str(doc_path)!r} is unreadable ({e}).") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+    if not doc_path.exists():
+        raise StoreNotFoundError(f"No embedstore store at {str(root)!r} (no store.json).")
+    from embedstore.store.reader import read_store_doc
+
+    doc = read_store_doc(doc_path)
+    if doc.get("format") != FORMAT_NAME:
         raise StoreFormatError(f"{str(doc_path)!r} does not describe an embedstore store.")
     version = doc.get("schema_version")
     if version == SCHEMA_VERSION:

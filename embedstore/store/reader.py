@@ -19,12 +19,15 @@ import pyarrow.parquet as pq
 from embedstore._fsio import atomic_path, atomic_write_bytes, tree_size
 from embedstore.errors import (
     ConfigError,
+    ManifestCorruptError,
     ManifestError,
     QueryError,
     StoreCorruptError,
+    StoreDocCorruptError,
     StoreFormatError,
     StoreNotFoundError,
 )
+from embedstore.statefile import parquet_state_schema, read_json_state, read_parquet_state
 from embedstore.store import maintenance
 from embedstore.store._arrow import from_np, strings, table
 from embedstore.store._backend import LocalBackend
@@ -166,11 +169,8 @@ def open_store(path: str | os.PathLike[str], *, create: bool = False) -> Store:
                     f"Folder {str(root)!r} is not empty and is not an embedstore store; "
                     "choose an empty or new folder."
                 ) from None
-    try:
-        doc = json.loads(doc_path.read_text())
-    except (OSError, ValueError) as e:
-        raise StoreFormatError(f"{str(doc_path)!r} is unreadable ({e}).") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+    doc = read_store_doc(doc_path)
+    if doc.get("format") != FORMAT_NAME:
         raise StoreFormatError(f"{str(doc_path)!r} does not describe an embedstore store.")
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -185,9 +185,27 @@ def open_store(path: str | os.PathLike[str], *, create: bool = False) -> Store:
         raise StoreFormatError(
             f"Store {str(root)!r} has schema_version {version!r}; this embedstore reads "
             f"schema_version {SCHEMA_VERSION}. "
-            + ("Upgrade embedstore." if newer else "Re-extract into a new store.")
+            + ("Upgrade embedstore." if newer else "Re-extract into a new store."),
+            reason="bad_version",
         )
     return Store(root, doc)
+
+
+def read_store_doc(doc_path: Path) -> dict:
+    """``store.json`` through the state-file loader (StoreDocCorruptError, a StoreFormatError)."""
+    fix = ("Restore it from a backup, or write it again as "
+           f'{{"format": "{FORMAT_NAME}", "schema_version": {SCHEMA_VERSION}, "config": {{}}}} '
+           "(it holds no data: vectors, commit parts and runs are untouched).")
+    return read_json_state(doc_path, "Store document", fix=fix, error=StoreDocCorruptError,
+                           required=("format", "schema_version"))
+
+
+#: What the user does about a damaged store manifest (extract without --shard replaces it).
+MANIFEST_FIX = ("Attach the cohort's manifest again: `embedstore extract STORE --manifest "
+                "<your manifest> ...` replaces the store's copy (committed embeddings are kept and "
+                "not computed again).")
+#: Columns every attached manifest has (validate_manifest checked them when it was attached).
+MANIFEST_STATE_COLUMNS = ("patient_id", "study_id", "modality")
 
 
 class Store:
@@ -257,10 +275,27 @@ class Store:
         with atomic_path(self.manifest_path) as tmp:
             pq.write_table(table, tmp)
 
-    def _manifest_meta(self) -> dict:
+    def manifest_schema(self) -> tuple[pa.Schema, int] | None:
+        """The attached manifest's Arrow schema and row count from its footer (None when no
+        manifest is attached); ManifestCorruptError with a reason when it is damaged."""
         if not self.manifest_path.exists():
+            return None
+        return parquet_state_schema(self.manifest_path, "The store's manifest", fix=MANIFEST_FIX,
+                                    required=MANIFEST_STATE_COLUMNS, error=ManifestCorruptError)
+
+    def read_manifest(self, columns: Iterable[str] | None = None) -> pa.Table | None:
+        """The attached manifest (or its ``columns``); None when none is attached."""
+        if not self.manifest_path.exists():
+            return None
+        return read_parquet_state(self.manifest_path, "The store's manifest", fix=MANIFEST_FIX,
+                                  required=MANIFEST_STATE_COLUMNS, error=ManifestCorruptError,
+                                  columns=None if columns is None else list(columns))
+
+    def _manifest_meta(self) -> dict:
+        got = self.manifest_schema()
+        if got is None:
             return {}
-        md = pq.read_schema(self.manifest_path).metadata or {}
+        md = got[0].metadata or {}
         try:
             return json.loads(md.get(MANIFEST_META_KEY, b"{}"))
         except ValueError:
@@ -535,7 +570,8 @@ class Store:
         for r in fails["reason"].to_pylist():
             by_reason[r] = by_reason.get(r, 0) + 1
         sets = self.sets()
-        manifest_rows = pq.read_metadata(self.manifest_path).num_rows if self.manifest_path.exists() else None
+        got = self.manifest_schema()
+        manifest_rows = None if got is None else got[1]
         runs = self.root / RUNS_DIR
         return {
             "root": str(self.root),

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedstore.errors import StoreCorruptError, StoreNotFoundError
+from embedstore.statefile import read_json_state
 from embedstore.store._arrow import bools, from_np, np_of, sort_indices, strings
 from embedstore.store._backend import Backend
 from embedstore.store._zarr import RowArray
@@ -183,19 +184,18 @@ class SetDir:
         return self.backend.exists(f"{self.key}/{SPEC_FILE}")
 
     def doc(self) -> dict:
+        key = f"{self.key}/{SPEC_FILE}"
         try:
-            doc = json.loads(self.backend.read(f"{self.key}/{SPEC_FILE}"))
+            data = self.backend.read(key)
         except FileNotFoundError as e:
             raise StoreNotFoundError(
                 f"Embedding set {self.name!r} has no spec.json in {str(self.path)!r}."
             ) from e
-        except (OSError, ValueError) as e:
-            raise StoreCorruptError(
-                f"spec.json of set {self.name!r} is unreadable ({e}); run `embedstore verify`."
-            ) from e
-        if not isinstance(doc, dict):
-            raise StoreCorruptError(f"spec.json of set {self.name!r} is not a JSON object.")
-        return doc
+        return read_json_state(
+            self.backend.local_path(key), f"Spec of embedding set {self.name!r}",
+            read=lambda: data, error=StoreCorruptError, required=("dim", "dtype", "spec"),
+            fix=(f"Restore it from a backup, or move the set folder {self.path} away and extract "
+                 "that encoder again (`embedstore extract`); other sets are unaffected."))
 
     def segment_names(self) -> list[str]:
         return [n for n in self.backend.list(self.key) if n.startswith(SEGMENT_PREFIX)]
