@@ -23,6 +23,7 @@ from embedstore import metrics as M
 from embedstore import plots
 from embedstore.errors import ConfigError
 from embedstore.fit import predict_student
+from embedstore.fit_paper import predict_paper_student
 from embedstore.report import markdown_table, write_html_report
 from embedstore.retrieval_metrics import retrieval_metrics, shuffled_control
 from embedstore.runs import Run, list_runs, load_run
@@ -39,7 +40,12 @@ MODEL_NAMES = {
     "prior": ("distilled", "Distilled CXR (diffusion prior)"),
     "ridge_logit": ("ridge_logit", "Ablation: ridge CXR -> teacher logit"),
     "ridge_embed": ("ridge_embed", "Ablation: ridge CXR -> CTPA embedding"),
+    "paper_prior": ("paper", "Distilled CXR (paper preset)"),
+    # a paper_prior run trained with --published-nograd (see _name_kind)
+    "paper_prior:nograd": ("paper_nograd", "Distilled CXR (paper preset, published no_grad bug)"),
 }
+#: Run kinds scored by sampling a prior through the teacher (paired against the ablations too).
+_STUDENT_KINDS = ("prior", "paper_prior")
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,14 @@ def _score(run: Run, store: Store, vec: _Vectors, units: dict[str, _Units], cfg:
                 elif run.kind == "ridge_embed":
                     emb = model(x)
                     out[split] = {"p": _probs(teacher(emb)), "emb": emb.numpy()}
+                elif run.kind == "paper_prior":  # the published sampling unless --steps
+                    tr = c["trainer"]
+                    steps = cfg.steps or int(tr["sample_steps"])
+                    p, sd, emb = predict_paper_student(
+                        model, teacher, x, cfg.num_samples, steps, int(tr["sample_best_of"]),  # type: ignore[arg-type]
+                        seed=cfg.seed, num_threads=int(tr.get("num_threads", 2)))
+                    out[split] = {"p": p.double().numpy(), "std": sd.double().numpy(),
+                                  "emb": emb.numpy(), "steps": steps}
                 else:  # prior
                     steps = cfg.steps or int(c["trainer"].get("val_steps", 10))
                     p, sd, emb = predict_student(model, teacher, x, cfg.num_samples, steps,
@@ -187,8 +201,14 @@ def _score(run: Run, store: Store, vec: _Vectors, units: dict[str, _Units], cfg:
     return out
 
 
+def _name_kind(run: Run) -> str:
+    if run.kind == "paper_prior" and run.config.get("trainer", {}).get("published_nograd"):
+        return "paper_prior:nograd"
+    return run.kind
+
+
 def _name(run: Run, taken: set[str]) -> tuple[str, str]:
-    key, label = MODEL_NAMES[run.kind]
+    key, label = MODEL_NAMES[_name_kind(run)]
     if key in taken:
         key, label = f"{key}:{run.run_id}", f"{label} [{run.run_id}]"
     taken.add(key)
@@ -367,11 +387,13 @@ def _comparisons(scored: list[_Scored], y: np.ndarray, cfg: EvalConfig) -> list[
     by_key = {sc.key: sc for sc in scored}
     pairs = []
     for sc in scored:
-        for ref in ("cxr_only", "ridge_logit", "ctpa_only"):
+        for ref in ("cxr_only", "ridge_logit", "ctpa_only", "distilled"):
             if ref in by_key and ref != sc.key and not (sc.key == "ctpa_only"):
-                if ref == "ridge_logit" and sc.run.kind != "prior":
+                if ref == "ridge_logit" and sc.run.kind not in _STUDENT_KINDS:
                     continue
-                if ref == "ctpa_only" and sc.run.kind != "prior":
+                if ref == "ctpa_only" and sc.run.kind not in _STUDENT_KINDS:
+                    continue
+                if ref == "distilled" and sc.run.kind != "paper_prior":
                     continue
                 pairs.append((sc, by_key[ref]))
     rows = []

@@ -36,7 +36,7 @@ from embedstore.errors import CheckpointError, IncompatibleRunError, RunNotFound
 
 __all__ = ["RUN_KINDS", "Run", "RunWriter", "list_runs", "load_run", "provenance"]
 
-RUN_KINDS = ("teacher", "cxr", "prior", "ridge_logit", "ridge_embed")
+RUN_KINDS = ("teacher", "cxr", "prior", "paper_prior", "ridge_logit", "ridge_embed")
 _PACKAGES = ("embedstore", "torch", "open_clip_torch", "diffusers", "zarr", "duckdb", "faiss-cpu",
              "numpy", "pydicom")
 
