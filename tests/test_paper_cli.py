@@ -20,7 +20,7 @@ from embedstore.cli.app import app
 from typer.testing import CliRunner
 
 from embedstore import train as train_mod
-from embedstore.evaluate import EvalConfig, evaluate, results_summary
+from embedstore.evaluate import EvalResult, results_summary
 from embedstore.fit import ClassifierTrainConfig
 from embedstore.fit_paper import predict_paper_student
 from embedstore.runs import load_run
@@ -176,30 +176,30 @@ def test_eval_scores_the_paper_arms_in_table_comparisons_and_results(
     assert "delta_auc_vs_cxr_only" in models["paper"]
     pairs = {(c["model"], c["reference"]) for c in res["comparisons"]}
     assert {("paper", "cxr_only"), ("paper", "ctpa_only"), ("paper_nograd", "cxr_only")} <= pairs
-    assert {"p_paper", "std_paper", "p_paper_nograd"} <= set(
-        pq.read_table(tmp_path / "rep" / "predictions.parquet").column_names)
-
-
-def test_eval_samples_with_the_published_settings_and_the_run(store_dir: Path,
-                                                              paper_runs: dict[str, str],
-                                                              tmp_path: Path) -> None:
-    """The paper arm's scores are predict_paper_student with the run's sample_steps/best-of."""
-    res = evaluate(store_dir, EvalConfig(runs=("cxr", paper_runs["a"]), out_dir=tmp_path / "e",
-                                         num_samples=2, n_bootstrap=200, sampling_grid=False,
-                                         label_efficiency=False))
-    assert "paper" in results_summary(res) and "cxr_only" in results_summary(res)
-    run = load_run(store_dir / "runs", paper_runs["a"])
+    got = pq.read_table(tmp_path / "rep" / "predictions.parquet")
+    assert {"p_paper", "std_paper", "p_paper_nograd"} <= set(got.column_names)
+    # the paper arm is predict_paper_student with the run's sampling (sample_steps, best-of)
     st = open_store(store_dir)
-    t = st.sql("SELECT cxr_study_id FROM pairs WHERE split = 'test' AND label_pe IS NOT NULL "
-               "AND cxr_study_id IS NOT NULL AND ctpa_study_id IS NOT NULL ORDER BY ctpa_study_id")
     es = st.load("CXR", "cx")
     pos = {s: i for i, s in enumerate(es.meta["study_id"].to_pylist())}
-    x = torch.from_numpy(es.vectors[[pos[s] for s in t["cxr_study_id"].to_pylist()]])
+    x = torch.from_numpy(es.vectors[[pos[s] for s in got["cxr_study_id"].to_pylist()]])
+    run = load_run(st.runs_dir, paper_runs["a"])
     tr = run.config["trainer"]
     p, _, _ = predict_paper_student(load_model(run), load_model(load_run(st.runs_dir, "teacher")), x,
                                     2, tr["sample_steps"], tr["sample_best_of"], seed=0, num_threads=1)
-    got = pq.read_table(tmp_path / "e" / "predictions.parquet")
     np.testing.assert_allclose(got["p_paper"].to_numpy(), p.double().numpy(), rtol=0, atol=1e-12)
+    summary = results_summary(_result_from_json(res))
+    assert {"paper", "paper_nograd"} <= set(summary)
+    assert summary["paper"]["run_id"] == paper_runs["a"]
+
+
+def _result_from_json(d: dict) -> EvalResult:
+    """Just what results_summary reads (the demo's results.json) from a metrics.json."""
+    return EvalResult(split=d["split"], n=d["n"], n_pos=d["n_pos"], models=d["models"],
+                      comparisons=d["comparisons"], retrieval=d["retrieval"], config=d["config"],
+                      notes=d["notes"], out_dir=Path(d["out_dir"]))
+
+
 
 
 @pytest.mark.parametrize("args,line", [
