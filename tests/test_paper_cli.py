@@ -29,10 +29,10 @@ from embedstore.train import load_model, train_classifier
 
 runner = CliRunner()
 N_PATIENTS = 60
-DIM = 8
+DIM_CX, DIM_CT = 8, 6  # different widths, as real CXR and CTPA encoders have
 # a transformer small enough for a unit test; everything else is the published recipe
 TINY_TOML = ("[prior]\nwidth = 16\nlayers = 1\nheads = 2\nepochs = 2\neval_every = 1\n"
-             "val_samples = 1\nval_steps = 2\nsample_steps = 2\nwarmup_steps = 2\n"
+             "val_samples = 1\nval_steps = 2\nsample_steps = 4\nwarmup_steps = 2\n"
              "ema_update_after_step = 1\nema_update_every = 1\nnum_threads = 1\n")
 
 
@@ -55,13 +55,14 @@ def _manifest() -> pa.Table:
     })
 
 
-def _write_set(store, modality: str, key: str, ids: list[str], seed: int, shift: float) -> None:
+def _write_set(store, modality: str, key: str, ids: list[str], seed: int, dim: int,
+               shift: float) -> None:
     rng = np.random.default_rng(seed)
-    with store.writer(modality, key, dim=DIM, spec={"synthetic": key}) as w:
+    with store.writer(modality, key, dim=dim, spec={"synthetic": key}) as w:
         for sid in ids:
             pid = sid.split("-")[0]
             y = int(int(pid[1:]) % 3 == 0)
-            v = rng.standard_normal(DIM).astype(np.float32) + shift * y
+            v = rng.standard_normal(dim).astype(np.float32) + shift * y
             w.add(study_id=sid, patient_id=pid, cache_key=f"{key}:{sid}", content_hash=sid, vector=v)
 
 
@@ -72,8 +73,8 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     m = _manifest()
     store.attach_manifest(m)
     ids = m["study_id"].to_pylist()
-    _write_set(store, "CTPA", "ct", [s for s in ids if s.endswith("-ct")], 1, 2.0)
-    _write_set(store, "CXR", "cx", [s for s in ids if s.endswith("-cx")], 2, 0.8)
+    _write_set(store, "CTPA", "ct", [s for s in ids if s.endswith("-ct")], 1, DIM_CT, 2.0)
+    _write_set(store, "CXR", "cx", [s for s in ids if s.endswith("-cx")], 2, DIM_CX, 0.8)
     fast = ClassifierTrainConfig(epochs=3, patience=2)
     train_classifier(root, "teacher", trainer=fast, name="teacher")
     train_classifier(root, "cxr", trainer=fast, name="cxr")
@@ -115,7 +116,7 @@ def test_cli_writes_a_paper_prior_run_that_records_its_recipe(store_dir: Path,
     assert c["trainer"]["tokens"] == 4 and c["trainer"]["published_nograd"] is False
     assert c["trainer"]["width"] == c["prior"]["width"] == 16  # the TOML reached the recipe
     assert c["trainer"]["lr"] == 1.1e-4 and c["prior"]["num_train_timesteps"] == 64  # the rest is the paper's
-    assert (c["prior"]["cond_dim"], c["prior"]["target_dim"], c["prior"]["null_tokens"]) == (DIM, DIM, 0)
+    assert (c["prior"]["cond_dim"], c["prior"]["target_dim"], c["prior"]["null_tokens"]) == (DIM_CX, DIM_CT, 0)
     assert run.metrics["steps"] == 2  # 36 pairs at batch 64: one step per epoch, two epochs
     log = (run.path / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log] == [0, 1]
