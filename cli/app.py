@@ -461,11 +461,18 @@ def train_prior(
     label_fraction: FracOpt = None, where: WhereOpt = None, seed: SeedOpt = None,
     name: NameOpt = None, device: DeviceOpt = None, config: ConfigOpt = None,
     sweep: Annotated[list[str] | None, typer.Option(help="Grid, e.g. --sweep lambda=0,0.1,1 (repeatable).")] = None,
+    preset: Annotated[str | None, typer.Option(help="default, or paper: the published recipe (causal transformer, T=64, 0.8 MSE + 0.2 teacher BCE; see docs/METHOD.md).")] = None,
+    tokens: Annotated[int | None, typer.Option(help="--preset paper only: 4 tokens, or 81 (the published layout, 77 null tokens first).")] = None,
+    published_nograd: Annotated[bool, typer.Option("--published-nograd", help="--preset paper only: reproduce the published bug (teacher term under no_grad).")] = False,
 ) -> None:
-    """Diffusion prior CXR -> CTPA-teacher embedding, with a teacher loss that really trains."""
+    """Diffusion prior CXR -> CTPA-teacher embedding, with a teacher loss that really trains.
+
+    --preset paper trains the published recipe instead (a paper_prior run)."""
     _train("prior", store, dict(teacher=teacher, cxr_encoder=cxr_encoder, ctpa_encoder=ctpa_encoder,
                                 lam=lam, mu=mu, epochs=epochs, label_fraction=label_fraction,
-                                where=where, seed=seed, name=name, device=device), config, sweep)
+                                where=where, seed=seed, name=name, device=device, preset=preset,
+                                tokens=tokens, published_nograd=published_nograd or None),
+           config, sweep)
 
 
 @train_app.command("baselines")

@@ -23,6 +23,7 @@ from embedstore import metrics as M
 from embedstore import plots
 from embedstore.errors import ConfigError
 from embedstore.fit import predict_prior_mean, predict_student
+from embedstore.fit_paper import predict_paper_student
 from embedstore.report import markdown_table, write_html_report
 from embedstore.retrieval_metrics import retrieval_metrics, shuffled_control
 from embedstore.runs import Run, list_runs, load_run
@@ -43,7 +44,12 @@ MODEL_NAMES = {
     "prior_plain": ("prior_plain", "Ablation: plain diffusion prior (no ridge mean)"),
     "ridge_mean_only": ("ridge_mean_only", "Ablation: teacher on the prior's ridge mean (no diffusion)"),
     "softlabel_kd": ("softlabel_kd", "Ablation: CXR head on the teacher's soft labels"),
+    "paper_prior": ("paper", "Distilled CXR (paper preset)"),
+    # a paper_prior run trained with --published-nograd
+    "paper_prior:nograd": ("paper_nograd", "Distilled CXR (paper preset, published no_grad bug)"),
 }
+#: Run kinds scored by sampling a prior through the teacher (paired against the ablations too).
+_STUDENT_KINDS = ("prior", "paper_prior")
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,14 @@ def _score(run: Run, store: Store, vec: _Vectors, units: dict[str, _Units], cfg:
                 elif run.kind == "ridge_embed":
                     emb = model(x)
                     out[split] = {"p": _probs(teacher(emb)), "emb": emb.numpy()}
+                elif run.kind == "paper_prior":  # the published sampling unless --steps
+                    tr = c["trainer"]
+                    steps = cfg.steps or int(tr["sample_steps"])
+                    p, sd, emb = predict_paper_student(
+                        model, teacher, x, cfg.num_samples, steps, int(tr["sample_best_of"]),  # type: ignore[arg-type]
+                        seed=cfg.seed, num_threads=int(tr.get("num_threads", 2)))
+                    out[split] = {"p": p.double().numpy(), "std": sd.double().numpy(),
+                                  "emb": emb.numpy(), "steps": steps}
                 else:  # prior
                     steps = cfg.steps or int(c["trainer"].get("val_steps", 10))
                     p, sd, emb = predict_student(model, teacher, x, cfg.num_samples, steps,
@@ -200,9 +214,12 @@ def _score(run: Run, store: Store, vec: _Vectors, units: dict[str, _Units], cfg:
 
 
 def _arm_kind(run: Run) -> str:
-    """The MODEL_NAMES entry of a run: its kind, except a prior without ridge mean."""
+    """The MODEL_NAMES entry of a run: its kind, except a prior without ridge mean and a paper
+    prior trained with the published no_grad bug."""
     if run.kind == "prior" and run.config.get("prior", {}).get("mean_model") == "none":
         return "prior_plain"
+    if run.kind == "paper_prior" and run.config.get("trainer", {}).get("published_nograd"):
+        return "paper_prior:nograd"
     return run.kind
 
 
@@ -424,11 +441,13 @@ def _comparisons(scored: list[_Scored], y: np.ndarray, cfg: EvalConfig,
     by_key = {sc.key: sc for sc in scored}
     pairs = []
     for sc in scored:
-        for ref in ("cxr_only", "ridge_logit", "ctpa_only"):
+        for ref in ("cxr_only", "ridge_logit", "ctpa_only", "distilled"):
             if ref in by_key and ref != sc.key and not (sc.key == "ctpa_only"):
-                if ref == "ridge_logit" and sc.run.kind != "prior":
+                if ref == "ridge_logit" and sc.run.kind not in _STUDENT_KINDS:
                     continue
-                if ref == "ctpa_only" and sc.run.kind != "prior":
+                if ref == "ctpa_only" and sc.run.kind not in _STUDENT_KINDS:
+                    continue
+                if ref == "distilled" and sc.run.kind != "paper_prior":
                     continue
                 pairs.append((sc, by_key[ref]))
     # every other arm vs the distilled student, unless that pair is there in the other order

@@ -37,7 +37,8 @@ from embedstore.statefile import read_json_state
 
 __all__ = ["RUN_KINDS", "Run", "RunWriter", "list_runs", "load_run", "provenance"]
 
-RUN_KINDS = ("teacher", "cxr", "prior", "ridge_logit", "ridge_embed", "softlabel_kd")
+RUN_KINDS = ("teacher", "cxr", "prior", "paper_prior", "ridge_logit", "ridge_embed",
+             "softlabel_kd")
 _PACKAGES = ("embedstore", "torch", "open_clip_torch", "diffusers", "zarr", "duckdb", "faiss-cpu",
              "numpy", "pydicom")
 

@@ -35,9 +35,11 @@ from embedstore.fit import (
     fit_ridge_logit,
     fit_softlabel_kd,
 )
+from embedstore.fit_paper import PaperTrainConfig, fit_paper_prior
 from embedstore.manifest import label_subset
 from embedstore.models.baselines import RidgeRegression
 from embedstore.models.heads import HeadConfig, create_head
+from embedstore.models.paper_prior import PaperPrior, PaperPriorConfig
 from embedstore.models.prior import DiffusionPrior, PriorConfig
 from embedstore.progress import Bar, Reporter, reporter_or_null
 from embedstore.runs import Run, RunWriter, load_run
@@ -46,8 +48,10 @@ from embedstore.store import Store, open_store
 
 __all__ = [
     "SELECTION_KEYS",
+    "PRESETS",
     "train_classifier",
     "train_prior",
+    "train_paper_prior",
     "train_baselines",
     "BASELINE_KINDS",
     "run_training",
@@ -61,6 +65,13 @@ SELECTION_KEYS = ("encoder", "cxr_encoder", "ctpa_encoder", "teacher", "where", 
                   "seed", "name", "device", "head")
 _CLASSIFIER_FIELDS = {f.name for f in dataclasses.fields(ClassifierTrainConfig)}
 _PRIOR_FIELDS = {f.name for f in dataclasses.fields(PriorTrainConfig)}
+_PAPER_FIELDS = {f.name for f in dataclasses.fields(PaperTrainConfig)}
+#: `train prior --preset`: "default" (PriorTrainConfig) or "paper" (the published recipe,
+#: PaperTrainConfig; a run of kind "paper_prior").
+PRESETS = ("default", "paper")
+# options of one preset that the other refuses by name (with the flag that sets them)
+_DEFAULT_ONLY = {"lam": "--lambda", "mu": "--mu"}
+_PAPER_ONLY = {"tokens": "--tokens", "published_nograd": "--published-nograd"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +183,8 @@ def load_model(run: Run) -> torch.nn.Module:
         model: torch.nn.Module = create_head(HeadConfig.from_dict(dict(cfg["head"])))
     elif run.kind == "prior":
         model = DiffusionPrior(PriorConfig.from_dict(dict(cfg["prior"])))
+    elif run.kind == "paper_prior":
+        model = PaperPrior(PaperPriorConfig.from_dict(dict(cfg["prior"])))
     elif run.kind in ("ridge_logit", "ridge_embed"):
         r = cfg["ridge"]
         model = RidgeRegression(int(r["in_dim"]), int(r["out_dim"]), alpha=float(r["alpha"]),
@@ -212,9 +225,22 @@ def _read_config(path: Path | None, kind: str) -> dict[str, Any]:
     return {**flat, **section}
 
 
-def _split_options(kind: str, opts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(selection options, trainer-config options), refusing unknown keys with the valid ones."""
+def _check_preset(preset: Any) -> str:
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset {preset!r} for `train prior`. Valid: {', '.join(PRESETS)}.")
+    return str(preset)
+
+
+def _split_options(kind: str, opts: Mapping[str, Any], preset: str = "default"
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(selection options, trainer-config options), refusing unknown keys with the valid ones.
+
+    For ``train prior`` the trainer fields are those of the preset's config; an option that
+    belongs to the other preset is refused by name (``--lambda`` with ``--preset paper``,
+    ``--tokens`` without it)."""
     fields = _PRIOR_FIELDS if kind == "prior" else _CLASSIFIER_FIELDS
+    if kind == "prior" and preset == "paper":
+        fields = _PAPER_FIELDS
     if kind == "baselines":
         fields = {"alphas"}
     sel, tr = {}, {}
@@ -222,13 +248,24 @@ def _split_options(kind: str, opts: Mapping[str, Any]) -> tuple[dict[str, Any], 
         k = k.replace("-", "_")
         if k == "lambda":
             k = "lam"
+        if kind == "prior" and preset == "paper" and k in _DEFAULT_ONLY:
+            raise ConfigError(
+                f"{_DEFAULT_ONLY[k]} does not apply to `train prior --preset paper`: its loss is the "
+                "published 0.8 MSE + 0.2 BCE through the teacher, label-free (mse_weight and "
+                f"teacher_weight in --config change it). Drop {_DEFAULT_ONLY[k]}, or train without "
+                "--preset paper.")
+        if kind == "prior" and preset != "paper" and k in _PAPER_ONLY:
+            raise ConfigError(
+                f"{_PAPER_ONLY[k]} applies only to `train prior --preset paper` (the published "
+                f"recipe). Add --preset paper, or drop {_PAPER_ONLY[k]}.")
         if k in SELECTION_KEYS:
             sel[k] = v
         elif k in fields:
             tr[k] = tuple(v) if isinstance(v, list) else v
         else:
             valid = sorted(set(SELECTION_KEYS) | fields)
-            raise ConfigError(f"Unknown option {k!r} for `train {kind}`. Valid: {', '.join(valid)}.")
+            what = f"train {kind}" + (" --preset paper" if fields is _PAPER_FIELDS else "")
+            raise ConfigError(f"Unknown option {k!r} for `{what}`. Valid: {', '.join(valid)}.")
     if "head" in sel:
         tr["kind"] = sel.pop("head")
     if "seed" in sel:
@@ -328,12 +365,7 @@ def train_prior(
 
     ``reporter`` gets a bar over the epochs (each training-log row as status) and the run."""
     store = open_store(store_path)
-    t_run = load_run(store.runs_dir, teacher)
-    if t_run.kind != "teacher":
-        raise IncompatibleRunError(f"--teacher {teacher!r} is a {t_run.kind!r} run, not a teacher.")
-    ctpa_key = resolve_encoder(store, "CTPA", ctpa_encoder or str(t_run.config["encoder_key"]))
-    t_run.require(encoder_key=ctpa_key)
-    cxr_key = resolve_encoder(store, "CXR", cxr_encoder)
+    t_run, ctpa_key, cxr_key = _teacher_and_keys(store, teacher, cxr_encoder, ctpa_encoder)
     head = load_model(t_run)
     trainer = trainer or PriorTrainConfig(seed=seed)
     cx_tr, ct_tr, y_tr, pid_tr = _paired(store, cxr_key, ctpa_key, "train", where)
@@ -368,6 +400,61 @@ def train_prior(
 
 #: What ``train baselines`` fits, in order (``kinds`` picks a subset).
 BASELINE_KINDS = ("ridge_logit", "ridge_embed", "softlabel_kd")
+
+
+def _teacher_and_keys(store: Store, teacher: str, cxr_encoder: str | None,
+                      ctpa_encoder: str | None) -> tuple[Run, str, str]:
+    """(teacher run, CTPA key, CXR key) for a prior, refusing a teacher of another encoder."""
+    t_run = load_run(store.runs_dir, teacher)
+    if t_run.kind != "teacher":
+        raise IncompatibleRunError(f"--teacher {teacher!r} is a {t_run.kind!r} run, not a teacher.")
+    ctpa_key = resolve_encoder(store, "CTPA", ctpa_encoder or str(t_run.config["encoder_key"]))
+    t_run.require(encoder_key=ctpa_key)
+    return t_run, ctpa_key, resolve_encoder(store, "CXR", cxr_encoder)
+
+
+def train_paper_prior(
+    store_path: str | os.PathLike[str],
+    *,
+    teacher: str = "latest:teacher",
+    cxr_encoder: str | None = None,
+    ctpa_encoder: str | None = None,
+    where: str | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    trainer: PaperTrainConfig | None = None,
+    reporter: Reporter | None = None,
+) -> Run:
+    """``train prior --preset paper``: the published prior recipe (``fit_paper_prior``) on the
+    same paired train/val data as ``train_prior``; label-free. Writes a ``paper_prior`` run.
+
+    ``reporter`` gets a bar over the epochs (each training-log row as status) and the run."""
+    store = open_store(store_path)
+    t_run, ctpa_key, cxr_key = _teacher_and_keys(store, teacher, cxr_encoder, ctpa_encoder)
+    head = load_model(t_run)
+    trainer = trainer or PaperTrainConfig(seed=seed)
+    cx_tr, ct_tr, _, _ = _paired(store, cxr_key, ctpa_key, "train", where)
+    cx_va, _, y_va, _ = _paired(store, cxr_key, ctpa_key, "val", where)
+    m_va = ~np.isnan(y_va)
+    _need_both_classes(y_va[m_va], "labelled validation pairs")
+    with RunWriter(store.runs_dir, "paper_prior", name) as rw:
+        with reporter_or_null(reporter).bar("train prior (paper preset)", trainer.epochs) as bar:
+            res = fit_paper_prior(torch.from_numpy(cx_tr), torch.from_numpy(ct_tr), head,
+                                  torch.from_numpy(cx_va[m_va]), torch.from_numpy(y_va[m_va]).float(),
+                                  trainer, on_epoch=_epoch_logger(rw, bar))
+        prior: PaperPrior = res.model  # type: ignore[assignment]
+        run = rw.commit(
+            config={"preset": "paper", "teacher_run": t_run.run_id, "cxr_encoder_key": cxr_key,
+                    "ctpa_encoder_key": ctpa_key, "encoder_key": cxr_key,
+                    "prior": prior.config.to_dict(), "trainer": trainer.to_dict(),
+                    # label-free: the only labels behind it are the teacher's
+                    "label_fraction": t_run.config.get("label_fraction"),
+                    "teacher_label_fraction": t_run.config.get("label_fraction"),
+                    "seed": seed, "where": where, "store": str(store.root.resolve()),
+                    "n_train_pairs": int(len(cx_tr)), "n_val": int(m_va.sum())},
+            tensors=_state(prior), metrics=_fit_metrics(res))
+    reporter_or_null(reporter).done(run)
+    return run
 
 
 def train_baselines(
@@ -504,12 +591,13 @@ def run_training(
     if kind not in ("teacher", "cxr", "prior", "baselines"):
         raise ConfigError(f"Unknown training kind {kind!r}. Valid: teacher, cxr, prior, baselines.")
     merged = {**_read_config(config_file, kind), **dict(options)}
+    preset = _check_preset(merged.pop("preset", "default")) if kind == "prior" else "default"
     grid = _parse_sweep(sweep) if sweep else [{}]
     if sweep and kind != "prior":
         raise ConfigError("--sweep is available for `train prior` only.")
     runs: list[Run] = []
     for point in grid:
-        sel, tr = _split_options(kind, {**merged, **point})
+        sel, tr = _split_options(kind, {**merged, **point}, preset)
         seed = int(sel.get("seed", 0))
         name = sel.get("name")
         if name and len(grid) > 1:
@@ -520,6 +608,12 @@ def run_training(
                     store_path, kind, encoder=sel.get("encoder"), where=sel.get("where"),
                     label_fraction=float(sel.get("label_fraction", 1.0)), seed=seed, name=name,
                     trainer=ClassifierTrainConfig(**tr), reporter=reporter))
+            elif kind == "prior" and preset == "paper":
+                runs.append(train_paper_prior(
+                    store_path, teacher=sel.get("teacher", "latest:teacher"),
+                    cxr_encoder=sel.get("cxr_encoder"), ctpa_encoder=sel.get("ctpa_encoder"),
+                    where=sel.get("where"), seed=seed, name=name,
+                    trainer=PaperTrainConfig(**tr), reporter=reporter))
             elif kind == "prior":
                 runs.append(train_prior(
                     store_path, teacher=sel.get("teacher", "latest:teacher"),
