@@ -252,7 +252,10 @@ class Store:
         if pairing is not None and pair_max_gap_hours is not None:
             raise ConfigError("Give pairing or pair_max_gap_hours, not both.")
         if pairing is None:
-            rule = self.pairing_rule()
+            try:
+                rule = self.pairing_rule()
+            except ManifestCorruptError:
+                rule = PairingRule()  # the damaged copy's rule cannot be read: the default
             if pair_max_gap_hours is not None:
                 if not (isinstance(pair_max_gap_hours, int | float) and pair_max_gap_hours > 0):
                     raise ConfigError(
